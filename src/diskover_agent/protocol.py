@@ -1,0 +1,218 @@
+"""The wire protocol shared by the agent and the client (version 1).
+
+A structured answer is a stream of *frames*. On the ``msgpack`` format each frame is
+a 4-byte big-endian length followed by one MessagePack array; on the ``ndjson`` format
+each frame is one JSON array on its own line. The first element names the frame:
+
+``["dir", path]``
+    A directory listing starts; ``path`` is its remote path.
+``["entries", [[name, kind, target, stat, target_stat], ...]]``
+    Entries of the current directory (several frames for a big directory).
+``["error", errno, code, message]``
+    The current directory could not be listed (entries sent for it are void).
+``["end", frontier]``
+    The answer is complete; ``frontier`` lists directories found but not listed.
+
+Names and paths are the exact bytes (msgpack ``bin``); in JSON they are text when
+they are valid UTF-8, else ``{"b64": "<base64 of the bytes>"}``. ``kind`` and
+``target`` are one-letter types (see ``KIND_*``); ``target`` is the type a symlink
+points to (``null`` when dangling or looping, and for every non-symlink). ``stat``
+is ``null`` unless asked for, else the lstat fields in ``STAT_FIELDS`` order;
+``target_stat`` is the same for a symlink's target (``null`` when not asked for,
+for non-symlinks, and when the target cannot be stat'ed).
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import stat as _stat
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Optional, Union
+from urllib.parse import quote_from_bytes, unquote_to_bytes
+
+import msgspec
+
+VERSION = 1
+PROTOCOL_HEADER = "X-Diskover-Agent-Protocol"
+MSGPACK_TYPE = "application/vnd.diskover-agent.v1+msgpack"
+NDJSON_TYPE = "application/x-ndjson"
+TEXT_TYPE = "text/plain; charset=utf-8"
+ERROR_TYPE = "application/json"
+FORMATS = ("text", "msgpack", "ndjson")
+
+#: Upper bound on one frame, so that a broken or hostile peer cannot make the
+#: reader allocate without limit.
+MAX_FRAME = 64 * 1024 * 1024
+
+KIND_DIR = "d"
+KIND_FILE = "f"
+KIND_SYMLINK = "l"
+KIND_FIFO = "p"
+KIND_SOCKET = "s"
+KIND_CHAR = "c"
+KIND_BLOCK = "b"
+KIND_UNKNOWN = "?"
+
+STAT_FIELDS = (
+    "st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size",
+    "st_atime_ns", "st_mtime_ns", "st_ctime_ns", "st_blocks", "st_blksize", "st_rdev",
+)
+
+_FMT_KINDS = {
+    _stat.S_IFDIR: KIND_DIR, _stat.S_IFREG: KIND_FILE, _stat.S_IFLNK: KIND_SYMLINK,
+    _stat.S_IFIFO: KIND_FIFO, _stat.S_IFSOCK: KIND_SOCKET, _stat.S_IFCHR: KIND_CHAR,
+    _stat.S_IFBLK: KIND_BLOCK,
+}
+
+
+def kind_of_mode(mode: int) -> str:
+    """The one-letter kind of a ``st_mode``."""
+    return _FMT_KINDS.get(_stat.S_IFMT(mode), KIND_UNKNOWN)
+
+
+def stat_fields(st: Any) -> tuple[int, ...]:
+    """The wire form of an ``os.stat_result``."""
+    return (
+        st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, st.st_size,
+        st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, st.st_blocks, st.st_blksize, st.st_rdev,
+    )
+
+
+# -- URL paths ---------------------------------------------------------------------
+
+def quote_path(path: bytes) -> str:
+    """Percent-encode a remote path (any bytes) for a request target."""
+    return quote_from_bytes(path, safe="/")
+
+
+def unquote_path(target: str) -> bytes:
+    """The bytes of a percent-encoded request path."""
+    return unquote_to_bytes(target)
+
+
+# -- frames ------------------------------------------------------------------------
+
+_msgpack_encode = msgspec.msgpack.Encoder().encode
+_json_encode = msgspec.json.Encoder().encode
+_pack_len = struct.Struct(">I").pack
+_unpack_len = struct.Struct(">I").unpack
+
+
+def _json_name(name: bytes) -> Union[str, dict]:
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"b64": base64.b64encode(name).decode("ascii")}
+
+
+def encode_frame(frame: Sequence[Any], fmt: str) -> bytes:
+    """Encode one frame (``dir``/``entries``/``error``/``end``) for ``fmt``."""
+    if fmt == "msgpack":
+        body = _msgpack_encode(frame)
+        return _pack_len(len(body)) + body
+    tag = frame[0]
+    if tag == "dir":
+        frame = ("dir", _json_name(frame[1]))
+    elif tag == "entries":
+        frame = ("entries", [(_json_name(e[0]), *e[1:]) for e in frame[1]])
+    elif tag == "end":
+        frame = ("end", [_json_name(p) for p in frame[1]])
+    return _json_encode(frame) + b"\n"
+
+
+StatFields = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int]
+
+
+class Entry(msgspec.Struct, array_like=True, frozen=True):
+    """One directory entry as it travels."""
+
+    name: bytes
+    kind: str
+    target: Optional[str]
+    stat: Optional[StatFields]
+    target_stat: Optional[StatFields]
+
+
+class DirFrame(msgspec.Struct, tag="dir", array_like=True):
+    path: bytes
+
+
+class EntriesFrame(msgspec.Struct, tag="entries", array_like=True):
+    entries: list[Entry]
+
+
+class ErrorFrame(msgspec.Struct, tag="error", array_like=True):
+    errno: int
+    code: str
+    message: str
+
+
+class EndFrame(msgspec.Struct, tag="end", array_like=True):
+    frontier: list[bytes]
+
+
+Frame = Union[DirFrame, EntriesFrame, ErrorFrame, EndFrame]
+_frame_decoder = msgspec.msgpack.Decoder(Frame)
+
+
+class ProtocolError(ValueError):
+    """An answer that does not follow the wire protocol."""
+
+
+def read_frames_raw(read: Callable[[int], bytes]) -> Iterator[bytes]:
+    """The bodies of length-prefixed frames from ``read(n)``, until end of stream."""
+    while True:
+        head = read(4)
+        if not head:
+            return
+        if len(head) != 4:
+            raise ProtocolError("truncated frame header")
+        (size,) = _unpack_len(head)
+        if size > MAX_FRAME:
+            raise ProtocolError(f"frame of {size} bytes exceeds the {MAX_FRAME} limit")
+        body = read(size)
+        if len(body) != size:
+            raise ProtocolError("truncated frame")
+        yield body
+
+
+def read_frames(read: Callable[[int], bytes]) -> Iterator[Frame]:
+    """Decode msgpack frames from ``read(n)`` until end of stream."""
+    for body in read_frames_raw(read):
+        try:
+            yield _frame_decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            raise ProtocolError(f"malformed frame: {exc}") from None
+
+
+# -- error bodies ------------------------------------------------------------------
+
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    """The JSON body of every error answer."""
+
+    error: str
+    message: str
+    errno: Optional[int] = None
+    path: Optional[str] = None
+
+
+_error_decoder = msgspec.json.Decoder(ErrorBody)
+
+
+def errno_name(num: Optional[int]) -> str:
+    """The symbolic name of an errno (``ENOENT``), ``EIO`` when unknown."""
+    return errno.errorcode.get(num or 0, "EIO")
+
+
+def encode_error(body: ErrorBody) -> bytes:
+    return _json_encode(body)
+
+
+def decode_error(data: bytes) -> Optional[ErrorBody]:
+    """The error body of an answer, or None when it is not one of ours."""
+    try:
+        return _error_decoder.decode(data)
+    except msgspec.DecodeError:
+        return None

@@ -1,0 +1,178 @@
+"""HTTP to one agent: host specs, a keep-alive connection, one listing request.
+
+Built on the standard library's ``http.client``: per request it costs the least
+client CPU of the stacks measured (see ``bench/README.md``), and a walk's rate is
+bound by client CPU.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import AgentBusyError, AgentHTTPError, AgentProtocolError
+from .protocol import (
+    MSGPACK_TYPE,
+    PROTOCOL_HEADER,
+    DirFrame,
+    EndFrame,
+    EntriesFrame,
+    Entry,
+    ErrorFrame,
+    ProtocolError,
+    decode_error,
+    quote_path,
+    read_frames,
+)
+
+DEFAULT_PORT = 9999
+#: Errors that mean "this host, this time": retry elsewhere or later.
+TRANSIENT_ERRORS = (OSError, http.client.HTTPException, ProtocolError, AgentProtocolError, AgentBusyError)
+
+
+@dataclass(frozen=True)
+class HostAddress:
+    """An agent's address: ``label`` is the spec as the user wrote it."""
+
+    host: str
+    port: int
+    label: str
+
+
+def parse_host(spec: str, default_port: int = DEFAULT_PORT) -> HostAddress:
+    """Parse ``"name"``, ``"name:port"``, ``"[v6addr]:port"``, ``"[v6addr]"`` or a bare IPv6 address."""
+    text = spec.strip()
+    if not text:
+        raise ValueError("empty host")
+    if text.startswith("["):
+        addr, sep, rest = text[1:].partition("]")
+        if not sep or not addr or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad host {spec!r}: expected [ipv6]:port")
+        return HostAddress(addr, _port(rest[1:], spec) if rest else default_port, spec)
+    if text.count(":") > 1:  # a bare IPv6 address
+        return HostAddress(text, default_port, spec)
+    name, sep, port = text.partition(":")
+    if not name:
+        raise ValueError(f"bad host {spec!r}")
+    return HostAddress(name, _port(port, spec) if sep else default_port, spec)
+
+
+def _port(text: str, spec: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"bad port in host {spec!r}")
+    return int(text)
+
+
+@dataclass
+class RemoteListing:
+    """One directory as an agent listed it: its entries, or the error that stopped it."""
+
+    path: bytes
+    entries: list[Entry]
+    error: Optional[OSError] = None
+
+
+class AgentHTTP:
+    """One keep-alive HTTP connection to one agent, reopened when it breaks."""
+
+    def __init__(self, address: HostAddress, timeout: float, connect_timeout: float) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._conn: Optional[http.client.HTTPConnection] = None
+
+    def connect(self) -> None:
+        if self._conn is None or self._conn.sock is None:
+            conn = http.client.HTTPConnection(self.address.host, self.address.port, timeout=self.connect_timeout)
+            try:
+                conn.connect()
+            except OSError:
+                conn.close()
+                raise
+            conn.sock.settimeout(self.timeout)
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._conn = conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def abort(self) -> None:
+        """Break off a request in flight from another thread."""
+        conn = self._conn
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def listdir(self, path: bytes, want_stat: bool, filename: object) -> RemoteListing:
+        """List one remote directory. File-system errors come back in ``error``
+        (with ``filename`` set); transport errors raise."""
+        self.connect()
+        assert self._conn is not None
+        target = quote_path(path) + ("?format=msgpack&stat=1" if want_stat else "?format=msgpack")
+        try:
+            self._conn.request("GET", target, headers={"Accept": MSGPACK_TYPE})
+            resp = self._conn.getresponse()
+            if resp.status != 200:
+                error = self._error(resp, filename)
+                return RemoteListing(path, [], error)
+            if resp.getheader(PROTOCOL_HEADER) is None:
+                raise AgentProtocolError(f"{self.address.label} is not a diskover storage agent")
+            result = _collect(path, read_frames(resp.read), filename)
+            if resp.will_close:
+                self.close()
+            return result
+        except BaseException:
+            self.close()
+            raise
+
+    def _error(self, resp: http.client.HTTPResponse, filename: object) -> OSError:
+        body = resp.read(65536)
+        if resp.will_close or not resp.isclosed():
+            self.close()
+        err = decode_error(body)
+        label = self.address.label
+        if err is None:
+            raise AgentHTTPError(label, resp.status, "http", resp.reason or "unexpected answer")
+        if resp.status == 503:
+            retry = resp.getheader("Retry-After")
+            raise AgentBusyError(label, resp.status, err.error, err.message,
+                                 float(retry) if retry and retry.isdigit() else None)
+        if err.errno is not None and resp.status in (403, 404, 500):
+            return OSError(err.errno, err.message, filename)
+        raise AgentHTTPError(label, resp.status, err.error, err.message)
+
+
+def _collect(path: bytes, frames, filename: object) -> RemoteListing:
+    entries: list[Entry] = []
+    error: Optional[OSError] = None
+    seen_dir = False
+    for frame in frames:
+        if isinstance(frame, EntriesFrame):
+            entries.extend(frame.entries)
+        elif isinstance(frame, DirFrame):
+            if seen_dir:
+                raise AgentProtocolError("several directories in a single listing")
+            seen_dir = True
+        elif isinstance(frame, ErrorFrame):
+            error = OSError(frame.errno, frame.message, filename)
+        elif isinstance(frame, EndFrame):
+            if not seen_dir:
+                raise AgentProtocolError("listing without a directory")
+            return RemoteListing(path, [] if error else entries, error)
+    raise AgentProtocolError("listing ended before its end frame")
+
+
+def fsencode_path(path: object) -> bytes:
+    """The bytes of a remote path given as str, bytes or path-like; must be absolute."""
+    raw = os.fsencode(path)  # type: ignore[arg-type]
+    if not raw.startswith(b"/"):
+        raise ValueError(f"remote path must be absolute: {path!r}")
+    return raw

@@ -1,0 +1,144 @@
+"""Exports: which remote paths the agent serves, and where they live locally.
+
+A request path is split into components; ``..`` is refused outright, empty and ``.``
+components are dropped. The export whose REMOTE prefix matches the most leading
+components wins; the rest of the path is resolved below that export's LOCAL
+directory by :func:`open_beneath`, which never leaves it, not even through symlinks.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_SYMLINKS = 40  # as Linux's MAXSYMLINKS
+MAX_PATH = 4096  # PATH_MAX
+
+
+class BadPath(ValueError):
+    """A request path that is not a valid absolute remote path."""
+
+
+class OutsideExport(PermissionError):
+    """A path (or a symlink on it) that leads outside every export."""
+
+    def __init__(self, path: bytes) -> None:
+        super().__init__(errno.EACCES, "Not inside an export of this agent", os.fsdecode(path))
+
+
+def split_path(path: bytes) -> tuple[bytes, ...]:
+    """The components of an absolute path, refusing NUL bytes and ``..``."""
+    if not path.startswith(b"/"):
+        raise BadPath("path must be absolute")
+    if b"\0" in path:
+        raise BadPath("path contains a NUL byte")
+    if len(path) > MAX_PATH:
+        raise BadPath(f"path longer than {MAX_PATH} bytes")
+    parts = tuple(p for p in path.split(b"/") if p and p != b".")
+    if b".." in parts:
+        raise BadPath("path contains a '..' component")
+    return parts
+
+
+@dataclass(frozen=True)
+class Export:
+    """One ``-r REMOTE LOCAL`` pair."""
+
+    remote: bytes
+    local: bytes
+
+    @property
+    def remote_parts(self) -> tuple[bytes, ...]:
+        return split_path(self.remote)
+
+    @property
+    def local_parts(self) -> tuple[bytes, ...]:
+        return split_path(self.local)
+
+
+class ExportTable:
+    """Maps remote paths to (export, components below it), longest REMOTE first."""
+
+    def __init__(self, exports: list[Export]) -> None:
+        self._table = sorted(
+            ((e.remote_parts, e) for e in exports), key=lambda item: len(item[0]), reverse=True
+        )
+        # Absolute symlink targets are allowed when they point back inside the export,
+        # either through its LOCAL path as configured or through its real path.
+        self._local_prefixes = {
+            e: {e.local_parts, split_path(os.path.realpath(e.local))} for e in exports
+        }
+
+    @property
+    def exports(self) -> list[Export]:
+        return [e for _, e in self._table]
+
+    def lookup(self, parts: tuple[bytes, ...]) -> tuple[Export, tuple[bytes, ...]] | None:
+        for prefix, export in self._table:
+            if parts[: len(prefix)] == prefix:
+                return export, parts[len(prefix):]
+        return None
+
+    def open_beneath(self, export: Export, rel: tuple[bytes, ...], remote: bytes) -> int:
+        """Open the directory ``rel`` below ``export`` and return its fd.
+
+        Every component is opened with ``O_NOFOLLOW`` relative to its parent's fd.
+        A symlink on the way is read and resolved by hand: relative targets from the
+        link's directory, absolute ones only when they lie inside the export's LOCAL
+        directory. Anything that would step above the export raises
+        :class:`OutsideExport`; a symlink swapped in between check and use cannot
+        escape because no path is ever resolved by the kernel across a symlink.
+        """
+        stack = [os.open(export.local, _OPEN_DIR & ~os.O_NOFOLLOW)]
+        todo = list(reversed(rel))
+        links = 0
+        try:
+            while todo:
+                name = todo.pop()
+                if name in (b"", b"."):
+                    continue
+                if name == b"..":
+                    if len(stack) == 1:
+                        raise OutsideExport(remote)
+                    os.close(stack.pop())
+                    continue
+                try:
+                    stack.append(os.open(name, _OPEN_DIR, dir_fd=stack[-1]))
+                    continue
+                except OSError as exc:
+                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise OSError(exc.errno, exc.strerror, os.fsdecode(remote)) from None
+                    try:
+                        target = os.readlink(name, dir_fd=stack[-1])
+                    except OSError:  # not a symlink: a real ENOTDIR
+                        raise OSError(exc.errno, exc.strerror, os.fsdecode(remote)) from None
+                links += 1
+                if links > _MAX_SYMLINKS:
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), os.fsdecode(remote))
+                if target.startswith(b"/"):
+                    inside = self._strip_local(export, split_path_loose(target))
+                    if inside is None:
+                        raise OutsideExport(remote)
+                    while len(stack) > 1:
+                        os.close(stack.pop())
+                    todo.extend(reversed(inside))
+                else:
+                    todo.extend(reversed(target.split(b"/")))
+            fd = stack.pop()
+            return fd
+        finally:
+            for fd in stack:
+                os.close(fd)
+
+    def _strip_local(self, export: Export, parts: tuple[bytes, ...]) -> tuple[bytes, ...] | None:
+        for prefix in self._local_prefixes[export]:
+            if parts[: len(prefix)] == prefix:
+                return parts[len(prefix):]
+        return None
+
+
+def split_path_loose(path: bytes) -> tuple[bytes, ...]:
+    """Components of an absolute symlink target, keeping ``..`` for the resolver."""
+    return tuple(p for p in path.split(b"/") if p and p != b".")

@@ -1,0 +1,190 @@
+"""Reading one directory, by fd, into encoded chunks of an answer.
+
+Runs in the agent's thread pool, one chunk per call, so that a directory of any
+size streams out with bounded memory and the event loop never touches the disk.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import tempfile
+from collections.abc import Iterator
+from itertools import islice
+from typing import IO, Any, Optional
+
+import msgspec
+
+from diskover_agent.protocol import (
+    KIND_DIR,
+    KIND_FILE,
+    KIND_SYMLINK,
+    encode_frame,
+    errno_name,
+    kind_of_mode,
+    read_frames_raw,
+    stat_fields,
+)
+
+#: Entries per chunk (and per ``entries`` frame).
+CHUNK = 1000
+#: Names the text format sorts in memory before it spills a sorted run to disk.
+SORT_RUN = 100_000
+
+_fsencode = os.fsencode
+
+
+def entry_kind(entry: os.DirEntry, dir_fd: int) -> str:
+    """The lstat kind of an entry, from ``d_type`` when the file system gives it."""
+    if entry.is_dir(follow_symlinks=False):
+        return KIND_DIR
+    if entry.is_file(follow_symlinks=False):
+        return KIND_FILE
+    if entry.is_symlink():
+        return KIND_SYMLINK
+    try:
+        return kind_of_mode(entry.stat(follow_symlinks=False).st_mode)
+    except OSError:
+        return KIND_FILE  # vanished since readdir; os.walk counts it among files
+
+
+def target_stat(name: str, dir_fd: int) -> Optional[os.stat_result]:
+    """The stat of what a symlink points to, or None when it dangles or loops."""
+    try:
+        return os.stat(name, dir_fd=dir_fd)
+    except OSError:
+        return None
+
+
+def read_entries(it: Iterator[os.DirEntry], dir_fd: int, want_stat: bool, limit: int) -> list[tuple]:
+    """Up to ``limit`` wire entries from a scandir iterator (see the protocol module)."""
+    out: list[tuple] = []
+    append = out.append
+    if not want_stat:
+        for entry in islice(it, limit):
+            kind = entry_kind(entry, dir_fd)
+            if kind == KIND_SYMLINK:
+                tst = target_stat(entry.name, dir_fd)
+                append((_fsencode(entry.name), kind, tst and kind_of_mode(tst.st_mode), None, None))
+            else:
+                append((_fsencode(entry.name), kind, None, None, None))
+        return out
+    for entry in islice(it, limit):
+        try:
+            st: Any = entry.stat(follow_symlinks=False)
+            kind = kind_of_mode(st.st_mode)
+            fields: Optional[tuple] = stat_fields(st)
+        except OSError:
+            kind, fields = entry_kind(entry, dir_fd), None
+        if kind == KIND_SYMLINK:
+            tst = target_stat(entry.name, dir_fd)
+            if tst is not None:
+                append((_fsencode(entry.name), kind, kind_of_mode(tst.st_mode), fields, stat_fields(tst)))
+                continue
+        append((_fsencode(entry.name), kind, None, fields, None))
+    return out
+
+
+class Listing:
+    """A structured (``msgpack``/``ndjson``) listing of one open directory.
+
+    :meth:`read` returns the next chunk of encoded frames; ``done`` is set once the
+    ``end`` frame has been produced. An error while reading raises ``OSError`` from
+    :meth:`read`; :meth:`error_chunk` then encodes it for an answer already under way.
+    """
+
+    def __init__(self, fd: int, remote: bytes, fmt: str, want_stat: bool) -> None:
+        self.fd = fd
+        self.remote = remote
+        self.fmt = fmt
+        self.want_stat = want_stat
+        self.done = False
+        self._it = os.scandir(fd)
+        self._started = False
+
+    def read(self) -> bytes:
+        parts = []
+        if not self._started:
+            parts.append(encode_frame(("dir", self.remote), self.fmt))
+            self._started = True
+        entries = read_entries(self._it, self.fd, self.want_stat, CHUNK)
+        if entries:
+            parts.append(encode_frame(("entries", entries), self.fmt))
+        if len(entries) < CHUNK:
+            parts.append(encode_frame(("end", []), self.fmt))
+            self.done = True
+        return b"".join(parts)
+
+    def error_chunk(self, exc: OSError) -> bytes:
+        self.done = True
+        code = errno_name(exc.errno)
+        return encode_frame(("error", exc.errno or 0, code, exc.strerror or str(exc)), self.fmt) + encode_frame(
+            ("end", []), self.fmt
+        )
+
+    def close(self) -> None:
+        self._it.close()
+        os.close(self.fd)
+
+
+class TextListing:
+    """The curl-friendly listing: one name per line, sorted, directories as ``name/``.
+
+    Sorting needs every name; past :data:`SORT_RUN` names, sorted runs are spilled to
+    temporary files and merged, so memory stays bounded for any directory size.
+    """
+
+    def __init__(self, fd: int, remote: bytes) -> None:
+        self.fd = fd
+        self.remote = remote
+        self.done = False
+        self._it = os.scandir(fd)
+        self._runs: list[IO[bytes]] = []
+        self._lines: Optional[Iterator[bytes]] = None
+
+    def read(self) -> bytes:
+        if self._lines is None:
+            self._lines = self._sorted_lines()
+        chunk = b"".join(islice(self._lines, CHUNK))
+        if not chunk:
+            self.done = True
+        return chunk
+
+    def _scan_run(self) -> list[tuple[bytes, bool]]:
+        return [
+            (_fsencode(e.name), e.is_dir(follow_symlinks=False)) for e in islice(self._it, SORT_RUN)
+        ]
+
+    def _sorted_lines(self) -> Iterator[bytes]:
+        run = self._scan_run()
+        run.sort()
+        if len(run) == SORT_RUN:
+            while run:
+                self._runs.append(_spill(run))
+                run = self._scan_run()
+                run.sort()
+            merged: Iterator[Any] = heapq.merge(*(_unspill(f) for f in self._runs))
+        else:
+            merged = iter(run)
+        for name, is_dir in merged:
+            yield name + b"/\n" if is_dir else name + b"\n"
+
+    def close(self) -> None:
+        self._it.close()
+        os.close(self.fd)
+        for f in self._runs:
+            f.close()
+
+
+def _spill(run: list[tuple[bytes, bool]]) -> IO[bytes]:
+    f = tempfile.TemporaryFile(prefix="diskover-agent-sort-")
+    for i in range(0, len(run), CHUNK):
+        f.write(encode_frame(run[i : i + CHUNK], "msgpack"))
+    f.seek(0)
+    return f
+
+
+def _unspill(f: IO[bytes]) -> Iterator[tuple[bytes, bool]]:
+    decode = msgspec.msgpack.Decoder(list[tuple[bytes, bool]]).decode
+    for body in read_frames_raw(f.read):
+        yield from decode(body)

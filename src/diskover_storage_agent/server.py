@@ -1,0 +1,257 @@
+"""The HTTP side of the agent: aiohttp handlers, the thread pool, start and stop.
+
+Every file-system call runs in the agent's own thread pool (``-c`` threads), never on
+the event loop, and at most ``-c`` listings are served at once: more wait in line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional, TypeVar, Union
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from diskover_agent.protocol import (
+    ERROR_TYPE,
+    FORMATS,
+    MSGPACK_TYPE,
+    NDJSON_TYPE,
+    PROTOCOL_HEADER,
+    TEXT_TYPE,
+    VERSION,
+    ErrorBody,
+    encode_error,
+    errno_name,
+    unquote_path,
+)
+
+from . import __version__
+from .config import AgentConfig
+from .exports import BadPath, ExportTable, OutsideExport, split_path
+from .listing import Listing, TextListing
+
+log = logging.getLogger("diskover_storage_agent")
+T = TypeVar("T")
+
+_CONTENT_TYPES = {"text": TEXT_TYPE, "msgpack": MSGPACK_TYPE, "ndjson": NDJSON_TYPE}
+_NOT_FOUND = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG}
+_FORBIDDEN = {errno.EACCES, errno.EPERM}
+_BOOL = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+_MAX_QUERY_FIELDS = 16
+
+
+class BadRequest(ValueError):
+    """A request the agent cannot make sense of (400)."""
+
+
+def error_response(
+    status: int, code: str, message: str, *, num: Optional[int] = None, path: Optional[bytes] = None,
+    headers: Optional[dict[str, str]] = None,
+) -> web.Response:
+    """A small JSON error answer; never a traceback."""
+    body = ErrorBody(
+        error=code, message=message, errno=num,
+        path=path.decode("utf-8", "backslashreplace") if path is not None else None,
+    )
+    return web.Response(
+        status=status, body=encode_error(body), content_type=ERROR_TYPE,
+        headers={PROTOCOL_HEADER: str(VERSION), **(headers or {})},
+    )
+
+
+def os_error_response(exc: OSError, path: bytes) -> web.Response:
+    num = exc.errno or errno.EIO
+    if isinstance(exc, OutsideExport):
+        return error_response(403, "not_exported", exc.strerror, num=num, path=path)
+    status = 404 if num in _NOT_FOUND else 403 if num in _FORBIDDEN else 500
+    return error_response(status, errno_name(num), exc.strerror or os.strerror(num), num=num, path=path)
+
+
+def parse_target(raw: str) -> tuple[bytes, dict[str, str]]:
+    """The remote path (bytes) and query parameters of a request target."""
+    target, _, query = raw.partition("?")
+    path = unquote_path(target)
+    try:
+        params = parse_qsl(query, keep_blank_values=True, max_num_fields=_MAX_QUERY_FIELDS)
+    except ValueError as exc:
+        raise BadRequest(f"bad query string: {exc}") from None
+    out: dict[str, str] = {}
+    for key, value in params:
+        if key in out:
+            raise BadRequest(f"query parameter {key!r} given twice")
+        out[key] = value
+    return path, out
+
+
+class ListingRequest:
+    """What one listing request asks for, validated."""
+
+    __slots__ = ("fmt", "parts", "path", "want_stat")
+
+    def __init__(self, path: bytes, params: dict[str, str]) -> None:
+        self.path = path
+        self.parts = split_path(path)
+        self.fmt = params.pop("format", "text")
+        if self.fmt not in FORMATS:
+            raise BadRequest(f"format must be one of {', '.join(FORMATS)}")
+        stat = params.pop("stat", "0").lower()
+        if stat not in _BOOL:
+            raise BadRequest("stat must be 0 or 1")
+        self.want_stat = _BOOL[stat]
+        if self.want_stat and self.fmt == "text":
+            raise BadRequest("stat needs format=msgpack or format=ndjson")
+        if params:
+            raise BadRequest(f"unknown query parameter {sorted(params)[0]!r}")
+
+
+class Agent:
+    """The state of one running agent: exports, thread pool, listing slots."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.exports = ExportTable(config.exports)
+        self.pool = ThreadPoolExecutor(max_workers=config.maxconnections, thread_name_prefix="diskover-fs")
+        self._slots: Optional[asyncio.Semaphore] = None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking file-system call in the agent's pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._handle(request)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:  # a bug: log it here, answer without details
+            log.exception("internal error on %s %r", request.method, request.raw_path)
+            return error_response(500, "internal", "internal error, see the agent's log")
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            return error_response(
+                405, "method_not_allowed", f"{request.method} is not allowed", headers={"Allow": "GET, HEAD"}
+            )
+        try:
+            path, params = parse_target(request.raw_path)
+            req = ListingRequest(path, params)
+        except (BadRequest, BadPath) as exc:
+            return error_response(400, "bad_request", str(exc))
+        found = self.exports.lookup(req.parts)
+        if found is None:
+            return error_response(
+                403, "not_exported", "Not inside an export of this agent", num=errno.EACCES, path=path
+            )
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.config.maxconnections)
+        async with self._slots:
+            try:
+                fd = await self.run(self.exports.open_beneath, found[0], found[1], path)
+            except OSError as exc:
+                return os_error_response(exc, path)
+            if request.method == "HEAD":
+                os.close(fd)
+                return web.Response(content_type=_CONTENT_TYPES[req.fmt].split(";")[0], headers=self._headers())
+            return await self._stream(request, req, fd)
+
+    def _headers(self) -> dict[str, str]:
+        return {PROTOCOL_HEADER: str(VERSION)}
+
+    async def _stream(self, request: web.Request, req: ListingRequest, fd: int) -> web.StreamResponse:
+        try:
+            lister: Union[Listing, TextListing] = await self.run(_open_lister, fd, req)
+        except OSError as exc:
+            os.close(fd)
+            return os_error_response(exc, req.path)
+        guard = threading.Lock()
+        try:
+            try:
+                chunk = await self.run(_locked, guard, lister.read)
+            except OSError as exc:
+                return os_error_response(exc, req.path)
+            headers = {**self._headers(), "Content-Type": _CONTENT_TYPES[req.fmt]}
+            if lister.done:
+                return web.Response(body=chunk, headers=headers)
+            resp = web.StreamResponse(headers=headers)
+            await resp.prepare(request)
+            await resp.write(chunk)
+            while not lister.done:
+                try:
+                    chunk = await self.run(_locked, guard, lister.read)
+                except OSError as exc:
+                    if isinstance(lister, TextListing):
+                        # Plain text has no way to say so in-band: cut the answer short.
+                        log.warning("listing of %r failed midway: %s", req.path, exc)
+                        if request.transport is not None:
+                            request.transport.abort()
+                        return resp
+                    chunk = lister.error_chunk(exc)
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+        finally:
+            # Never block the loop on a close, nor race a read still running in the pool.
+            self.pool.submit(_locked, guard, lister.close)
+
+    async def close(self, _app: Optional[web.Application] = None) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _open_lister(fd: int, req: ListingRequest) -> Union[Listing, TextListing]:
+    if req.fmt == "text":
+        return TextListing(fd, req.path)
+    return Listing(fd, req.path, req.fmt, req.want_stat)
+
+
+def _locked(lock: threading.Lock, fn: Callable[[], T]) -> T:
+    with lock:
+        return fn()
+
+
+def create_app(config: AgentConfig) -> web.Application:
+    """The aiohttp application serving ``config``'s exports."""
+    agent = Agent(config)
+    app = web.Application(client_max_size=0)
+    app.router.add_route("*", "/{tail:.*}", agent.handle)
+    app.on_cleanup.append(agent.close)
+    return app
+
+
+def _url(sockname: Any) -> str:
+    host, port = sockname[0], sockname[1]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def serve(config: AgentConfig, ready: Optional[Callable[[list[str]], None]] = None) -> None:
+    """Serve until SIGTERM or SIGINT, then let in-flight answers finish and return."""
+    app = create_app(config)
+    runner = web.AppRunner(
+        app, access_log=log if config.verbose >= 1 else None,
+        access_log_format='%a "%r" %s %b %Tf', shutdown_timeout=config.shutdown_timeout,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.listen, config.port, reuse_address=True, backlog=1024)
+        await site.start()
+        urls = [_url(addr) for addr in runner.addresses]
+        for export in config.exports:
+            log.info("exporting %s as %s", os.fsdecode(export.local), os.fsdecode(export.remote))
+        log.info("diskover-storage-agent %s listening on %s", __version__, " ".join(urls))
+        if ready is not None:
+            ready(urls)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping: finishing answers in flight")
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
