@@ -125,7 +125,7 @@ class Agent:
         """Run a blocking file-system call in the agent's pool."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
             return await self._handle(request)
         except (asyncio.CancelledError, ConnectionError):
@@ -134,7 +134,7 @@ class Agent:
             log.exception("internal error on %s %r", request.method, request.raw_path)
             return error_response(500, "internal", "internal error, see the agent's log")
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.method not in ("GET", "HEAD"):
             return error_response(
                 405, "method_not_allowed", f"{request.method} is not allowed", headers={"Allow": "GET, HEAD"}
@@ -164,7 +164,7 @@ class Agent:
     def _headers(self) -> dict[str, str]:
         return {PROTOCOL_HEADER: str(VERSION)}
 
-    async def _stream(self, request: web.Request, req: ListingRequest, fd: int) -> web.StreamResponse:
+    async def _stream(self, request: web.BaseRequest, req: ListingRequest, fd: int) -> web.StreamResponse:
         try:
             lister: Union[Listing, TextListing] = await self.run(_open_lister, fd, req)
         except OSError as exc:
@@ -200,7 +200,7 @@ class Agent:
             # Never block the loop on a close, nor race a read still running in the pool.
             self.pool.submit(_locked, guard, lister.close)
 
-    async def close(self, _app: Optional[web.Application] = None) -> None:
+    def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -215,15 +215,6 @@ def _locked(lock: threading.Lock, fn: Callable[[], T]) -> T:
         return fn()
 
 
-def create_app(config: AgentConfig) -> web.Application:
-    """The aiohttp application serving ``config``'s exports."""
-    agent = Agent(config)
-    app = web.Application(client_max_size=0)
-    app.router.add_route("*", "/{tail:.*}", agent.handle)
-    app.on_cleanup.append(agent.close)
-    return app
-
-
 def _url(sockname: Any) -> str:
     host, port = sockname[0], sockname[1]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -231,11 +222,13 @@ def _url(sockname: Any) -> str:
 
 async def serve(config: AgentConfig, ready: Optional[Callable[[list[str]], None]] = None) -> None:
     """Serve until SIGTERM or SIGINT, then let in-flight answers finish and return."""
-    app = create_app(config)
-    runner = web.AppRunner(
-        app, access_log=log if config.verbose >= 1 else None,
-        access_log_format='%a "%r" %s %b %Tf', shutdown_timeout=config.shutdown_timeout,
+    agent = Agent(config)
+    # aiohttp's low-level server: no router, so that any path (newlines, invalid
+    # UTF-8...) reaches the handler as the raw bytes the client sent.
+    server = web.Server(
+        agent.handle, access_log=log if config.verbose >= 1 else None, access_log_format='%a "%r" %s %b %Tf'
     )
+    runner = web.ServerRunner(server, shutdown_timeout=config.shutdown_timeout)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.listen, config.port, reuse_address=True, backlog=1024)
@@ -254,4 +247,5 @@ async def serve(config: AgentConfig, ready: Optional[Callable[[list[str]], None]
         log.info("stopping: finishing answers in flight")
     finally:
         await runner.cleanup()
+        agent.close()
     log.info("stopped")

@@ -1,0 +1,183 @@
+"""Shared fixtures: real agent processes on loopback and real temporary trees."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+#: Run a command without the capabilities that let root read everything, so that
+#: unreadable directories are unreadable to the agent and to the reference os.walk.
+NOCAPS = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--"]
+HAVE_SETPRIV = shutil.which("setpriv") is not None
+IS_ROOT = os.geteuid() == 0
+REMOTE = "/mnt/isilon"
+
+
+class Agent:
+    """A running ``diskover-storage-agent`` process."""
+
+    def __init__(self, exports: list[tuple[str, str]], *, listen: str = "127.0.0.1", nocaps: bool = False,
+                 extra: tuple[str, ...] = (), timeout: float = 20.0) -> None:
+        cmd = [sys.executable, "-m", "diskover_storage_agent", "-l", listen, "-p", "0"]
+        for remote, local in exports:
+            cmd += ["-r", remote, local]
+        cmd += list(extra)
+        if nocaps and IS_ROOT:
+            cmd = NOCAPS + cmd
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        self.log: list[str] = []
+        ready = threading.Event()
+        self.url = ""
+
+        def pump() -> None:
+            assert self.proc.stderr is not None
+            for raw in self.proc.stderr:
+                line = raw.decode("utf-8", "replace")
+                self.log.append(line)
+                if " listening on " in line and not ready.is_set():
+                    self.url = line.rsplit(" listening on ", 1)[1].split()[0]
+                    ready.set()
+            ready.set()
+
+        self._pump = threading.Thread(target=pump, daemon=True)
+        self._pump.start()
+        if not ready.wait(timeout) or not self.url:
+            self.kill()
+            raise RuntimeError("agent did not start:\n" + "".join(self.log))
+        hostport = self.url.split("://", 1)[1]
+        self.hostspec = hostport
+        self.port = int(hostport.rsplit(":", 1)[1])
+        self.host = hostport.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout)
+        self._pump.join(5)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        try:
+            self.terminate(10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+@pytest.fixture
+def start_agent() -> Iterator:
+    """Start agents; every one started is stopped (by its PID) at the end."""
+    started: list[Agent] = []
+
+    def start(exports: list[tuple[str, str]], **kwargs) -> Agent:
+        agent = Agent(exports, **kwargs)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop()
+
+
+# -- trees -----------------------------------------------------------------------------
+
+def make_awkward_tree(root: Path) -> Path:
+    """A tree with every kind of entry os.walk has to get right. Returns the tree root."""
+    top = root / "tree"
+    top.mkdir()
+    b = os.fsencode(top)
+    dirs = [b"plain", b"with space", b"pct%41%2e%2F", b"q?mark", b"hash#tag", "ünïcødé-日本".encode(),
+            b"bad\xff\xfename", b"new\nline", b"empty", b"deep/a/b/c/d/e/f/g", b"plain/sub", b"-dash",
+            b"\\backslash", b"..dots", b"tail.", b"+plus&amp;=eq;semi"]
+    for d in dirs:
+        os.makedirs(os.path.join(b, d), exist_ok=True)
+    files = [b"plain/f1", b"plain/f 2", b"plain/bad\x80\x81", b"plain/nl\nname", b"with space/x",
+             b"deep/a/b/c/d/e/f/g/leaf", "ünïcødé-日本/ß.txt".encode(), b"bad\xff\xfename/inner\xff",
+             b"q?mark/%00", b"hash#tag/#", b"top-file", b"tail./..."]
+    for f in files:
+        with open(os.path.join(b, f), "wb") as fh:
+            fh.write(b"x" * len(f))
+    os.symlink(b"plain", os.path.join(b, b"link-to-dir"))
+    os.symlink(b"top-file", os.path.join(b, b"link-to-file"))
+    os.symlink(b"does-not-exist", os.path.join(b, b"dangling"))
+    os.symlink(b"loop", os.path.join(b, b"loop"))
+    os.symlink(b"../plain", os.path.join(b, b"deep/up-link"))
+    os.symlink(b"/", os.path.join(b, b"plain/abs-link-out"))
+    os.mkfifo(os.path.join(b, b"plain/fifo"))
+    locked = os.path.join(b, b"locked")
+    os.mkdir(locked)
+    with open(os.path.join(locked, b"secret"), "wb") as fh:
+        fh.write(b"s")
+    os.mkdir(os.path.join(locked, b"subdir"))
+    os.chmod(locked, 0o000)
+    noexec = os.path.join(b, b"noexec")
+    os.makedirs(os.path.join(noexec, b"child"))
+    os.chmod(noexec, 0o644)  # readable, not searchable: listed, children not
+    return top
+
+
+@pytest.fixture
+def awkward_tree(tmp_path: Path) -> Iterator[Path]:
+    tmp_path.chmod(0o755)
+    top = make_awkward_tree(tmp_path)
+    yield top
+    for dirpath, _dirs, _files in os.walk(top):
+        os.chmod(dirpath, 0o755)
+    for sub in (b"locked", b"noexec"):
+        p = os.path.join(os.fsencode(top), sub)
+        if os.path.isdir(p):
+            os.chmod(p, 0o755)
+
+
+# -- the reference walk ------------------------------------------------------------------
+
+_REF_SCRIPT = r"""
+import os, sys, msgspec
+top = os.fsencode(sys.argv[1])
+errors = []
+rows = [(r, sorted(d), sorted(f)) for r, d, f in os.walk(top, onerror=lambda e: errors.append((e.errno, os.fsencode(e.filename))))]
+sys.stdout.buffer.write(msgspec.msgpack.encode([rows, errors]))
+"""
+
+
+def reference_walk(local: Path, remote: str = REMOTE, nocaps: bool = True):
+    """``os.walk`` of ``local`` (as bytes), run without DAC capabilities like the agent,
+    with roots mapped to ``remote``: ``(set of (root, dirs, files), sorted errors)``."""
+    cmd = [sys.executable, "-c", _REF_SCRIPT, os.fsdecode(local)]
+    if nocaps and IS_ROOT:
+        cmd = NOCAPS + cmd
+    out = subprocess.run(cmd, check=True, capture_output=True).stdout
+    rows, errors = msgspec.msgpack.decode(out)
+    lb, rb = os.fsencode(local), os.fsencode(remote)
+
+    def remap(p: bytes) -> bytes:
+        assert p.startswith(lb)
+        return rb + p[len(lb):]
+
+    walked = {(remap(r), tuple(d), tuple(f)) for r, d, f in rows}
+    errs = sorted((num, remap(name)) for num, name in errors)
+    return walked, errs
+
+
+def as_bytes_rows(rows) -> set:
+    """Rows of a walk (str or bytes) as a set of ``(root, sorted dirs, sorted files)`` in bytes."""
+    enc = os.fsencode
+    return {(enc(r), tuple(sorted(map(enc, d))), tuple(sorted(map(enc, f)))) for r, d, f in rows}

@@ -1,0 +1,187 @@
+"""parallel_walk through real agents yields exactly what os.walk yields locally."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import psutil
+import pytest
+from conftest import REMOTE, as_bytes_rows, reference_walk
+
+import diskover_agent
+from diskover_agent import AgentConnectionError, parallel_walk, parallel_walk_entries
+
+
+def walk_collect(top, **kwargs):
+    errors = []
+    rows = list(parallel_walk(top, onerror=errors.append, **kwargs))
+    return rows, errors
+
+
+def error_set(errors):
+    return sorted((e.errno, os.fsencode(e.filename)) for e in errors)
+
+
+def test_awkward_tree_through_one_agent(awkward_tree, start_agent):
+    agent = start_agent([(REMOTE, str(awkward_tree))], nocaps=True)
+    expected, expected_errors = reference_walk(awkward_tree)
+    rows, errors = walk_collect(REMOTE, hosts=[agent.hostspec], workers=8)
+    assert as_bytes_rows(rows) == expected
+    assert len(rows) == len(expected)  # nothing yielded twice
+    assert error_set(errors) == expected_errors
+    # the tree really holds what the test is about
+    assert {e[0] for e in expected_errors} == {13}
+    assert any(b"\xff" in r[0] for r in expected)
+    for e in errors:
+        assert isinstance(e, PermissionError) and isinstance(e.filename, str)
+
+
+def test_bytes_top_yields_bytes(awkward_tree, start_agent):
+    agent = start_agent([(REMOTE, str(awkward_tree))], nocaps=True)
+    expected, _ = reference_walk(awkward_tree)
+    rows = list(parallel_walk(REMOTE.encode(), hosts=[agent.hostspec]))
+    assert all(isinstance(r, bytes) and all(isinstance(n, bytes) for n in d + f) for r, d, f in rows)
+    assert {(r, tuple(sorted(d)), tuple(sorted(f))) for r, d, f in rows} == expected
+
+
+def test_names_round_trip_through_fsencode(awkward_tree, start_agent):
+    agent = start_agent([(REMOTE, str(awkward_tree))])
+    c = diskover_agent.AgentConnection(hosts=[agent.hostspec])
+    _, dirs, files = c.listdir(REMOTE)
+    local = os.listdir(os.fsencode(awkward_tree))
+    assert sorted(os.fsencode(n) for n in dirs + files) == sorted(local)
+    assert b"bad\xff\xfename" in {os.fsencode(n) for n in dirs}
+
+
+def test_three_agents_spread_and_exact(awkward_tree, start_agent):
+    agents = [start_agent([(REMOTE, str(awkward_tree))], nocaps=True) for _ in range(3)]
+    expected, expected_errors = reference_walk(awkward_tree)
+    rows, errors = walk_collect(REMOTE, hosts=[a.hostspec for a in agents], workers=6)
+    assert as_bytes_rows(rows) == expected
+    assert len(rows) == len(expected)
+    assert error_set(errors) == expected_errors
+
+
+def test_subdirectory_top_and_trailing_slash(awkward_tree, start_agent):
+    agent = start_agent([(REMOTE, str(awkward_tree))])
+    got = list(parallel_walk(REMOTE + "/deep/", hosts=[agent.hostspec]))
+    want = list(os.walk(str(awkward_tree / "deep") + "/"))
+    assert [r.replace(str(awkward_tree), REMOTE) for r, _, _ in sorted(want)] == sorted(r for r, _, _ in got)
+
+
+def test_walk_entries_carry_exact_lstat(awkward_tree, start_agent):
+    agent = start_agent([(REMOTE, str(awkward_tree))])
+    seen = 0
+    for root, dirs, files in parallel_walk_entries(REMOTE, hosts=[agent.hostspec], workers=4):
+        local_root = os.fsencode(root).replace(REMOTE.encode(), os.fsencode(awkward_tree), 1)
+        for entry in dirs + files:
+            local = os.path.join(local_root, os.fsencode(entry.name))
+            st = os.lstat(local)
+            got = entry.stat(follow_symlinks=False)
+            for field in ("st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size",
+                          "st_mtime_ns", "st_ctime_ns", "st_blocks", "st_mtime"):
+                assert getattr(got, field) == getattr(st, field), (local, field)
+            assert entry.is_symlink() == os.path.islink(local)
+            assert entry.is_dir() == os.path.isdir(local)
+            assert entry.is_dir(follow_symlinks=False) == (os.path.isdir(local) and not os.path.islink(local))
+            assert entry.is_file() == os.path.isfile(local)
+            assert entry.inode() == st.st_ino
+            assert entry.path == os.path.join(root, entry.name)
+            if entry.is_symlink() and os.path.exists(local):
+                assert entry.stat().st_ino == os.stat(local).st_ino
+            seen += 1
+    assert seen > 40
+
+
+def test_break_stops_threads_and_sockets(awkward_tree, start_agent):
+    agent = start_agent([(REMOTE, str(awkward_tree))])
+    before_threads = set(threading.enumerate())
+    proc = psutil.Process()
+    before_fds = proc.num_fds()
+    gen = parallel_walk(REMOTE, hosts=[agent.hostspec], workers=16)
+    for _ in gen:
+        break
+    gen.close()
+    assert set(threading.enumerate()) == before_threads
+    assert proc.num_fds() == before_fds
+    assert not [c for c in proc.net_connections(kind="tcp") if c.raddr and c.raddr[1] == agent.port]
+
+
+def test_one_of_three_agents_killed_mid_walk(tmp_path, start_agent):
+    # A tree big enough that the walk is still running when an agent dies.
+    top = tmp_path / "wide"
+    for i in range(150):
+        d = top / f"d{i:03}"
+        for j in range(6):
+            (d / f"s{j}").mkdir(parents=True)
+            (d / f"s{j}" / "f").touch()
+    agents = [start_agent([(REMOTE, str(top))]) for _ in range(3)]
+    expected, _ = reference_walk(top, nocaps=False)
+    rows, errors = [], []
+    for i, row in enumerate(parallel_walk(REMOTE, hosts=[a.hostspec for a in agents], workers=6,
+                                          onerror=errors.append)):
+        rows.append(row)
+        if i == 100:
+            agents[1].kill()
+    assert errors == []
+    assert len(rows) == len(expected)
+    assert as_bytes_rows(rows) == expected
+
+
+def test_all_agents_down_raises_within_seconds(tmp_path):
+    ports = []
+    for _ in range(3):  # ports that were free a moment ago: nobody listens there
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    start = time.monotonic()
+    with pytest.raises(AgentConnectionError):
+        list(parallel_walk(REMOTE, hosts=[f"127.0.0.1:{p}" for p in ports], retry_for=2.0))
+    assert time.monotonic() - start < 10
+
+
+def test_agents_die_mid_walk_raises(tmp_path, start_agent):
+    top = tmp_path / "t"
+    for i in range(50):
+        (top / f"d{i}" / "x").mkdir(parents=True)
+    agent = start_agent([(REMOTE, str(top))])
+    gen = parallel_walk(REMOTE, hosts=[agent.hostspec], workers=2, retry_for=1.5)
+    next(gen)
+    agent.kill()
+    start = time.monotonic()
+    with pytest.raises(AgentConnectionError):
+        for _ in gen:
+            pass
+    assert time.monotonic() - start < 10
+
+
+def test_top_errors_go_to_onerror(awkward_tree, start_agent):
+    agent = start_agent([(REMOTE, str(awkward_tree))])
+    for path, exc_type in ((REMOTE + "/nope", FileNotFoundError), (REMOTE + "/top-file", NotADirectoryError),
+                           ("/etc", PermissionError), ("/mnt/isilon2", PermissionError)):
+        rows, errors = walk_collect(path, hosts=[agent.hostspec])
+        local = []
+        if path.startswith(REMOTE + "/"):
+            assert list(os.walk(str(awkward_tree) + path[len(REMOTE):], onerror=local.append)) == []
+        assert rows == []
+        assert len(errors) == 1 and isinstance(errors[0], exc_type)
+        assert errors[0].filename == path
+        if local:
+            assert type(local[0]) is type(errors[0]) and local[0].errno == errors[0].errno
+
+
+def test_pruning_dirs_in_loop_body(awkward_tree, start_agent):
+    agent = start_agent([(REMOTE, str(awkward_tree))])
+    got = []
+    for root, dirs, files in parallel_walk(REMOTE, hosts=[agent.hostspec]):
+        dirs[:] = [d for d in dirs if d not in ("deep", "plain")]
+        got.append((root, sorted(dirs), sorted(files)))
+    want = []
+    for root, dirs, files in os.walk(str(awkward_tree)):
+        dirs[:] = [d for d in dirs if d not in ("deep", "plain")]
+        want.append((root.replace(str(awkward_tree), REMOTE, 1), sorted(dirs), sorted(files)))
+    assert as_bytes_rows(got) == as_bytes_rows(want)
+    assert not any("/deep" in r for r, _, _ in got)
