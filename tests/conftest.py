@@ -153,7 +153,9 @@ _REF_SCRIPT = r"""
 import os, sys, msgspec
 top = os.fsencode(sys.argv[1])
 errors = []
-rows = [(r, sorted(d), sorted(f)) for r, d, f in os.walk(top, onerror=lambda e: errors.append((e.errno, os.fsencode(e.filename))))]
+def onerror(e):
+    errors.append((e.errno, os.fsencode(e.filename)))
+rows = [(r, sorted(d), sorted(f)) for r, d, f in os.walk(top, onerror=onerror)]
 sys.stdout.buffer.write(msgspec.msgpack.encode([rows, errors]))
 """
 

@@ -9,10 +9,11 @@ import time
 
 import psutil
 import pytest
-from conftest import REMOTE, as_bytes_rows, reference_walk
 
 import diskover_agent
 from diskover_agent import AgentConnectionError, parallel_walk, parallel_walk_entries
+
+from conftest import REMOTE, as_bytes_rows, reference_walk
 
 
 def walk_collect(top, **kwargs):
@@ -25,10 +26,14 @@ def error_set(errors):
     return sorted((e.errno, os.fsencode(e.filename)) for e in errors)
 
 
-def test_awkward_tree_through_one_agent(awkward_tree, start_agent):
+MODES = ["subtree", "listdir"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_awkward_tree_through_one_agent(awkward_tree, start_agent, mode):
     agent = start_agent([(REMOTE, str(awkward_tree))], nocaps=True)
     expected, expected_errors = reference_walk(awkward_tree)
-    rows, errors = walk_collect(REMOTE, hosts=[agent.hostspec], workers=8)
+    rows, errors = walk_collect(REMOTE, hosts=[agent.hostspec], workers=8, mode=mode)
     assert as_bytes_rows(rows) == expected
     assert len(rows) == len(expected)  # nothing yielded twice
     assert error_set(errors) == expected_errors
@@ -56,10 +61,11 @@ def test_names_round_trip_through_fsencode(awkward_tree, start_agent):
     assert b"bad\xff\xfename" in {os.fsencode(n) for n in dirs}
 
 
-def test_three_agents_spread_and_exact(awkward_tree, start_agent):
+@pytest.mark.parametrize("mode", MODES)
+def test_three_agents_spread_and_exact(awkward_tree, start_agent, mode):
     agents = [start_agent([(REMOTE, str(awkward_tree))], nocaps=True) for _ in range(3)]
     expected, expected_errors = reference_walk(awkward_tree)
-    rows, errors = walk_collect(REMOTE, hosts=[a.hostspec for a in agents], workers=6)
+    rows, errors = walk_collect(REMOTE, hosts=[a.hostspec for a in agents], workers=6, mode=mode)
     assert as_bytes_rows(rows) == expected
     assert len(rows) == len(expected)
     assert error_set(errors) == expected_errors
@@ -110,7 +116,8 @@ def test_break_stops_threads_and_sockets(awkward_tree, start_agent):
     assert not [c for c in proc.net_connections(kind="tcp") if c.raddr and c.raddr[1] == agent.port]
 
 
-def test_one_of_three_agents_killed_mid_walk(tmp_path, start_agent):
+@pytest.mark.parametrize("mode", MODES)
+def test_one_of_three_agents_killed_mid_walk(tmp_path, start_agent, mode):
     # A tree big enough that the walk is still running when an agent dies.
     top = tmp_path / "wide"
     for i in range(150):
@@ -122,7 +129,7 @@ def test_one_of_three_agents_killed_mid_walk(tmp_path, start_agent):
     expected, _ = reference_walk(top, nocaps=False)
     rows, errors = [], []
     for i, row in enumerate(parallel_walk(REMOTE, hosts=[a.hostspec for a in agents], workers=6,
-                                          onerror=errors.append)):
+                                          onerror=errors.append, mode=mode, max_budget=64)):
         rows.append(row)
         if i == 100:
             agents[1].kill()
@@ -143,12 +150,13 @@ def test_all_agents_down_raises_within_seconds(tmp_path):
     assert time.monotonic() - start < 10
 
 
-def test_agents_die_mid_walk_raises(tmp_path, start_agent):
+@pytest.mark.parametrize("mode", ["subtree", "listdir"])
+def test_agents_die_mid_walk_raises(tmp_path, start_agent, mode):
     top = tmp_path / "t"
-    for i in range(50):
+    for i in range(400):  # more than the first subtree request's budget
         (top / f"d{i}" / "x").mkdir(parents=True)
     agent = start_agent([(REMOTE, str(top))])
-    gen = parallel_walk(REMOTE, hosts=[agent.hostspec], workers=2, retry_for=1.5)
+    gen = parallel_walk(REMOTE, hosts=[agent.hostspec], workers=2, retry_for=1.5, mode=mode)
     next(gen)
     agent.kill()
     start = time.monotonic()
@@ -173,10 +181,11 @@ def test_top_errors_go_to_onerror(awkward_tree, start_agent):
             assert type(local[0]) is type(errors[0]) and local[0].errno == errors[0].errno
 
 
-def test_pruning_dirs_in_loop_body(awkward_tree, start_agent):
+@pytest.mark.parametrize("mode", MODES)
+def test_pruning_dirs_in_loop_body(awkward_tree, start_agent, mode):
     agent = start_agent([(REMOTE, str(awkward_tree))])
     got = []
-    for root, dirs, files in parallel_walk(REMOTE, hosts=[agent.hostspec]):
+    for root, dirs, files in parallel_walk(REMOTE, hosts=[agent.hostspec], mode=mode):
         dirs[:] = [d for d in dirs if d not in ("deep", "plain")]
         got.append((root, sorted(dirs), sorted(files)))
     want = []
@@ -185,3 +194,21 @@ def test_pruning_dirs_in_loop_body(awkward_tree, start_agent):
         want.append((root.replace(str(awkward_tree), REMOTE, 1), sorted(dirs), sorted(files)))
     assert as_bytes_rows(got) == as_bytes_rows(want)
     assert not any("/deep" in r for r, _, _ in got)
+
+
+def test_small_budgets_many_requests_exact(tmp_path, start_agent):
+    """Every subtree answer ends early with a frontier: still exact, no directory twice."""
+    top = tmp_path / "t"
+    for i in range(30):
+        for j in range(5):
+            (top / f"a{i}" / f"b{j}" / "c").mkdir(parents=True)
+            (top / f"a{i}" / f"b{j}" / "f").touch()
+    agents = [start_agent([(REMOTE, str(top))]) for _ in range(2)]
+    expected, _ = reference_walk(top, nocaps=False)
+    walker = diskover_agent.walk.Walker(REMOTE, [a.hostspec for a in agents], workers=4, max_budget=8)
+    roots = [d.path for d in walker.dirs()]
+    assert len(roots) == len(set(roots)) == len(expected)
+    assert set(roots) == {r for r, _, _ in expected}
+    served = walker.served()
+    assert sum(h["requests"] for h in served.values()) > 20  # the budget really cut the walk
+    assert all(h["dirs"] > 0 for h in served.values())  # both agents took part

@@ -187,6 +187,39 @@ def read_frames(read: Callable[[int], bytes]) -> Iterator[Frame]:
             raise ProtocolError(f"malformed frame: {exc}") from None
 
 
+# -- the subtree walk request ---------------------------------------------------------
+
+class WalkRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """The body of ``POST /_agent/v1/walk``: walk below ``paths`` within a budget."""
+
+    paths: list[bytes]
+    stat: bool = False
+    max_entries: int = 10_000
+    max_seconds: float = 1.0
+
+
+class _B64(msgspec.Struct, forbid_unknown_fields=True):
+    b64: bytes
+
+
+class _JSONWalkRequest(msgspec.Struct, forbid_unknown_fields=True):
+    paths: list[Union[str, _B64]]
+    stat: bool = False
+    max_entries: int = 10_000
+    max_seconds: float = 1.0
+
+
+def decode_json_walk_request(body: bytes) -> WalkRequest:
+    """A walk request written in JSON: paths as text, or ``{"b64": ...}`` for other bytes."""
+    req = msgspec.json.decode(body, type=_JSONWalkRequest)
+    paths = [p.encode("utf-8", "surrogateescape") if isinstance(p, str) else p.b64 for p in req.paths]
+    return WalkRequest(paths, req.stat, req.max_entries, req.max_seconds)
+
+
+def encode_walk_request(req: WalkRequest) -> bytes:
+    return _msgpack_encode(req)
+
+
 # -- error bodies ------------------------------------------------------------------
 
 class ErrorBody(msgspec.Struct, omit_defaults=True):

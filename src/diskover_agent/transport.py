@@ -8,12 +8,15 @@ bound by client CPU.
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import os
 import socket
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Optional
 
-from .errors import AgentBusyError, AgentHTTPError, AgentProtocolError
+from .errors import AgentBusyError, AgentError, AgentHTTPError, AgentProtocolError
 from .protocol import (
     MSGPACK_TYPE,
     PROTOCOL_HEADER,
@@ -22,13 +25,17 @@ from .protocol import (
     EntriesFrame,
     Entry,
     ErrorFrame,
+    Frame,
     ProtocolError,
+    WalkRequest,
     decode_error,
+    encode_walk_request,
     quote_path,
     read_frames,
 )
 
 DEFAULT_PORT = 9999
+WALK_PATH = "/_agent/v1/walk"
 #: Errors that mean "this host, this time": retry elsewhere or later.
 TRANSIENT_ERRORS = (OSError, http.client.HTTPException, ProtocolError, AgentProtocolError, AgentBusyError)
 
@@ -78,10 +85,12 @@ class RemoteListing:
 class AgentHTTP:
     """One keep-alive HTTP connection to one agent, reopened when it breaks."""
 
-    def __init__(self, address: HostAddress, timeout: float, connect_timeout: float) -> None:
+    def __init__(self, address: HostAddress, timeout: float, connect_timeout: float,
+                 compress: Optional[bool] = None) -> None:
         self.address = address
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.compress = (not is_loopback(address.host)) if compress is None else compress
         self._conn: Optional[http.client.HTTPConnection] = None
 
     def connect(self) -> None:
@@ -114,24 +123,51 @@ class AgentHTTP:
     def listdir(self, path: bytes, want_stat: bool, filename: object) -> RemoteListing:
         """List one remote directory. File-system errors come back in ``error``
         (with ``filename`` set); transport errors raise."""
-        self.connect()
-        assert self._conn is not None
         target = quote_path(path) + ("?format=msgpack&stat=1" if want_stat else "?format=msgpack")
         try:
-            self._conn.request("GET", target, headers={"Accept": MSGPACK_TYPE})
-            resp = self._conn.getresponse()
+            resp = self._request("GET", target)
             if resp.status != 200:
                 error = self._error(resp, filename)
                 return RemoteListing(path, [], error)
-            if resp.getheader(PROTOCOL_HEADER) is None:
-                raise AgentProtocolError(f"{self.address.label} is not a diskover storage agent")
-            result = _collect(path, read_frames(resp.read), filename)
-            if resp.will_close:
-                self.close()
+            result = _collect(path, read_frames(_body_reader(resp)), filename)
+            self._finish(resp)
             return result
         except BaseException:
             self.close()
             raise
+
+    def walk(self, req: WalkRequest) -> Iterator[Frame]:
+        """Frames of a subtree walk as they arrive. Raises :class:`SubtreeUnsupported`
+        when the agent has no walk endpoint."""
+        try:
+            resp = self._request("POST", WALK_PATH + "?format=msgpack", encode_walk_request(req))
+            if resp.status in (404, 405):
+                resp.read(65536)
+                self.close()
+                raise SubtreeUnsupported(f"{self.address.label} does not offer the subtree walk")
+            if resp.status != 200:
+                raise self._error(resp, None)
+            yield from read_frames(_body_reader(resp))
+            self._finish(resp)
+        except BaseException:
+            self.close()
+            raise
+
+    def _request(self, method: str, target: str, body: Optional[bytes] = None) -> http.client.HTTPResponse:
+        self.connect()
+        assert self._conn is not None
+        headers = {"Accept": MSGPACK_TYPE, "Accept-Encoding": "gzip" if self.compress else "identity"}
+        if body is not None:
+            headers["Content-Type"] = MSGPACK_TYPE
+        self._conn.request(method, target, body=body, headers=headers)
+        resp = self._conn.getresponse()
+        if resp.getheader(PROTOCOL_HEADER) is None:
+            raise AgentProtocolError(f"{self.address.label} is not a diskover storage agent (HTTP {resp.status})")
+        return resp
+
+    def _finish(self, resp: http.client.HTTPResponse) -> None:
+        if resp.will_close or not resp.isclosed():
+            self.close()
 
     def _error(self, resp: http.client.HTTPResponse, filename: object) -> OSError:
         body = resp.read(65536)
@@ -148,6 +184,45 @@ class AgentHTTP:
         if err.errno is not None and resp.status in (403, 404, 500):
             return OSError(err.errno, err.message, filename)
         raise AgentHTTPError(label, resp.status, err.error, err.message)
+
+
+class SubtreeUnsupported(AgentError):
+    """The agent only answers per-directory listings."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine (where compressing answers costs more than it saves)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _body_reader(resp: http.client.HTTPResponse) -> Callable[[int], bytes]:
+    """``read(n)`` over an answer's body, inflating it when it came gzip-encoded."""
+    encoding = (resp.getheader("Content-Encoding") or "identity").lower()
+    if encoding == "identity":
+        return resp.read
+    if encoding != "gzip":
+        raise AgentProtocolError(f"unexpected Content-Encoding {encoding!r}")
+    inflate = zlib.decompressobj(31)
+    buf = bytearray()
+
+    def read(n: int) -> bytes:
+        while len(buf) < n:
+            if inflate.eof:
+                break
+            raw = resp.read(65536)
+            if not raw:
+                break
+            buf.extend(inflate.decompress(raw))
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
+
+    return read
 
 
 def _collect(path: bytes, frames, filename: object) -> RemoteListing:

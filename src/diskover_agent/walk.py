@@ -1,35 +1,49 @@
 """``parallel_walk``: ``os.walk`` through many agents at once.
 
-The engine is a work queue over hosts. ``workers`` threads each take a directory
-from the queue, list it on the next healthy host (keep-alive connections, one per
-thread and host), and hand the listing back to the generator, which yields it and
-only then queues the subdirectories still in ``dirs``, so pruning ``dirs`` in the
-loop body works as with ``os.walk(topdown=True)``. A host that fails is set aside
-for a while and its work goes to the others; nothing is lost or listed twice.
+The engine is a work queue of directory paths over hosts. ``workers`` threads each
+take a batch of paths, send it to the next healthy host and stream back every
+directory the agent lists below them (the subtree protocol: the agent walks up to
+a budget and answers the frontier it did not reach), or, against an agent without
+it, list one directory per request. Each directory goes to the generator as soon
+as it is complete; directories found but not listed go back on the queue. When a
+request breaks off, whatever it had not completed is queued again, so nothing is
+lost, and nothing that was completed is listed twice.
 """
 
 from __future__ import annotations
 
+import collections
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import AnyStr, Generic, Optional, Union
+from typing import Any, AnyStr, Optional, Union
 
-from .connection import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, is_walk_dir, parse_hosts, split_names
+from .connection import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, is_walk_dir, parse_hosts
 from .entry import AgentDirEntry
-from .errors import AgentBusyError, AgentConnectionError
-from .protocol import KIND_SYMLINK
-from .transport import DEFAULT_PORT, TRANSIENT_ERRORS, AgentHTTP, HostAddress, RemoteListing, fsencode_path
+from .errors import AgentBusyError, AgentConnectionError, AgentProtocolError
+from .protocol import KIND_DIR, KIND_SYMLINK, DirFrame, EndFrame, EntriesFrame, Entry, ErrorFrame, WalkRequest
+from .transport import DEFAULT_PORT, TRANSIENT_ERRORS, AgentHTTP, HostAddress, SubtreeUnsupported, fsencode_path
 
 #: Seconds a walk keeps retrying while no agent answers, before it raises.
 DEFAULT_RETRY_FOR = 10.0
+#: Entries the first subtree request may list; each request doubles it up to the max,
+#: so that the first answers come back fast with a frontier that spreads the work.
+FIRST_BUDGET = 256
+MAX_BUDGET = 16_384
+#: Seconds an agent walks for one request before it answers its frontier.
+MAX_SECONDS = 0.5
+#: Paths sent in one subtree request, at most.
+MAX_BATCH = 64
 _BACKOFF_FIRST = 0.2
 _BACKOFF_MAX = 5.0
+MODES = ("auto", "subtree", "listdir")
 
 OnError = Optional[Callable[[OSError], object]]
+
+
+def _join(path: bytes, name: bytes) -> bytes:
+    return path + name if path.endswith(b"/") else path + b"/" + name
 
 
 class _Hosts:
@@ -41,7 +55,10 @@ class _Hosts:
         self._turn = 0
         self._down_until = [0.0] * len(addresses)
         self._failures = [0] * len(addresses)
-        self.served = [0] * len(addresses)
+        self.subtree = [True] * len(addresses)
+        self.requests = [0] * len(addresses)
+        self.dirs = [0] * len(addresses)
+        self.last_ok = time.monotonic()
 
     def pick(self) -> tuple[int, float]:
         """The next usable host's index, or (-1, seconds to wait) when all are set aside."""
@@ -61,136 +78,317 @@ class _Hosts:
             delay = min(_BACKOFF_FIRST * 2 ** (self._failures[idx] - 1), _BACKOFF_MAX)
             self._down_until[idx] = time.monotonic() + (retry_after if retry_after is not None else delay)
 
-    def succeeded(self, idx: int) -> None:
+    def succeeded(self, idx: int, dirs: int) -> None:
         with self._lock:
             self._failures[idx] = 0
-            self.served[idx] += 1
+            self.requests[idx] += 1
+            self.dirs[idx] += dirs
+            self.last_ok = time.monotonic()
 
 
-@dataclass
-class _Result:
-    root: object
-    listing: Optional[RemoteListing] = None
-    fatal: Optional[BaseException] = None
+class _Dir:
+    """One completed directory on its way to the generator."""
+
+    __slots__ = ("entries", "error", "path")
+
+    def __init__(self, path: bytes, entries: list[Entry], error: Optional[OSError]) -> None:
+        self.path = path
+        self.entries = entries
+        self.error = error
 
 
-_STOP = object()
-
-
-class _Walk(Generic[AnyStr]):
-    """One walk's threads, queues and connections."""
+class Walker:
+    """The threads, queue and connections of one walk; iterate :meth:`dirs`."""
 
     def __init__(
-        self, top: AnyStr, addresses: list[HostAddress], workers: int, want_stat: bool,
-        timeout: float, connect_timeout: float, retry_for: float,
+        self,
+        top: Union[str, bytes],
+        hosts: Union[str, Sequence[str]],
+        *,
+        port: int = DEFAULT_PORT,
+        workers: int = 40,
+        stat: bool = False,
+        mode: str = "auto",
+        timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        retry_for: float = DEFAULT_RETRY_FOR,
+        compress: Optional[bool] = None,
+        max_budget: int = MAX_BUDGET,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
-        fsencode_path(top)  # absolute, encodable
-        self.top = top
-        self.hosts = _Hosts(addresses)
-        self.want_stat = want_stat
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        self.top = fsencode_path(top)
+        self._bytes = isinstance(top, bytes)
+        self.hosts = _Hosts(parse_hosts(hosts, port))
+        self.stat = stat
+        self.mode = mode
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.retry_for = retry_for
-        self.todo: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self.results: queue.SimpleQueue[_Result] = queue.SimpleQueue()
-        self.stopping = threading.Event()
+        self.compress = compress
+        self.max_budget = max_budget
+        self._budget = min(FIRST_BUDGET, max_budget)
+        self._todo: collections.deque[bytes] = collections.deque([self.top])
+        self._cond = threading.Condition()
+        self._results: collections.deque[Any] = collections.deque()
+        self._results_ready = threading.Condition()
+        #: Directories known and not yet handed to the generator (queued, in flight, or waiting).
+        self._outstanding = 1
+        self._pruned: set[bytes] = set()
+        self._stopping = False
         self._conns: list[AgentHTTP] = []
-        self._conns_lock = threading.Lock()
-        self.threads = [
+        self._threads = [
             threading.Thread(target=self._worker, name=f"diskover-walk-{i}", daemon=True) for i in range(workers)
         ]
 
-    # -- worker side -------------------------------------------------------------
+    # -- the generator side ----------------------------------------------------------
+
+    def dirs(self) -> Iterator[_Dir]:
+        """Completed directories as they arrive, until the walk is complete."""
+        for t in self._threads:
+            t.start()
+        try:
+            while True:
+                with self._results_ready:
+                    while not self._results:
+                        if self._outstanding == 0:
+                            return
+                        self._results_ready.wait()
+                    item = self._results.popleft()
+                if isinstance(item, BaseException):
+                    raise item
+                if self._pruned and item.path != self.top and (
+                    item.path in self._pruned or os.path.dirname(item.path) in self._pruned
+                ):
+                    self.prune(item.path)  # pruned, or below a pruned directory: skip its subtree
+                    self._resolve(1)
+                    continue
+                self._resolve(1)
+                yield item
+        finally:
+            self.stop()
+
+    def prune(self, path: bytes) -> None:
+        """Keep the walk out of ``path``: queued work for it is dropped, results skipped."""
+        self._pruned.add(path)
+
+    def add(self, path: bytes) -> None:
+        """Walk a directory the walk did not know about (a name added to ``dirs``)."""
+        with self._cond:
+            self._outstanding_add(1)
+            self._todo.append(path)
+            self._cond.notify()
+
+    def served(self) -> dict[str, dict[str, int]]:
+        """Requests and directories each host served so far."""
+        h = self.hosts
+        return {a.label: {"requests": h.requests[i], "dirs": h.dirs[i]} for i, a in enumerate(h.addresses)}
+
+    def stop(self) -> None:
+        """Stop every thread and close every socket; returns when they are gone."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        for conn in list(self._conns):
+            conn.abort()
+        for t in self._threads:
+            if t.is_alive():
+                t.join()
+
+    # -- bookkeeping shared by both sides ------------------------------------------------
+
+    def _outstanding_add(self, n: int) -> None:
+        with self._results_ready:
+            self._outstanding += n
+
+    def _resolve(self, n: int) -> None:
+        with self._results_ready:
+            self._outstanding -= n
+            if self._outstanding == 0:
+                self._results_ready.notify_all()
+
+    def _deliver(self, item: Any) -> None:
+        with self._results_ready:
+            self._results.append(item)
+            self._results_ready.notify()
+
+    def _requeue(self, paths: Sequence[bytes]) -> None:
+        if paths:
+            with self._cond:
+                self._todo.extendleft(reversed(paths))
+                self._cond.notify_all()
+
+    def _is_pruned(self, path: bytes) -> bool:
+        pruned = self._pruned
+        if not pruned:
+            return False
+        while path != self.top and len(path) > 1:
+            if path in pruned:
+                return True
+            path = os.path.dirname(path.rstrip(b"/"))
+        return False
+
+    # -- the worker side ----------------------------------------------------------------
+
+    def _take(self, subtree: bool) -> Optional[list[bytes]]:
+        """A batch of paths to walk, waiting for one; None when the walk stops."""
+        with self._cond:
+            while not self._todo:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            if self._stopping:
+                return None
+            n = 1
+            if subtree:
+                n = max(1, min(MAX_BATCH, len(self._todo) // len(self._threads)))
+            batch = [self._todo.popleft() for _ in range(min(n, len(self._todo)))]
+        dropped = [p for p in batch if self._is_pruned(p)]
+        if dropped:
+            for p in dropped:
+                batch.remove(p)
+            self._resolve(len(dropped))
+        return batch
 
     def _worker(self) -> None:
         conns: dict[int, AgentHTTP] = {}
         try:
             while True:
-                root = self.todo.get()
-                if root is _STOP or self.stopping.is_set():
+                idx = self._pick_host()
+                if idx is None:
                     return
-                self.results.put(self._fetch(root, conns))
+                subtree = self.mode != "listdir" and self.hosts.subtree[idx]
+                batch = self._take(subtree)
+                if batch is None:
+                    return
+                if not batch:
+                    continue
+                conn = conns.get(idx)
+                if conn is None:
+                    conn = conns[idx] = AgentHTTP(
+                        self.hosts.addresses[idx], self.timeout, self.connect_timeout, self.compress
+                    )
+                    self._conns.append(conn)
+                self._serve(idx, conn, batch, subtree)
+        except BaseException as exc:  # a bug, or a refusal no retry can fix: end the walk
+            self._deliver(exc)
         finally:
             for conn in conns.values():
                 conn.close()
 
-    def _fetch(self, root: object, conns: dict[int, AgentHTTP]) -> _Result:
-        raw = os.fsencode(root)  # type: ignore[call-overload]
-        giving_up_at: Optional[float] = None
-        last_error: Optional[BaseException] = None
-        while not self.stopping.is_set():
+    def _pick_host(self) -> Optional[int]:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return None
             idx, wait = self.hosts.pick()
-            if idx < 0:
-                now = time.monotonic()
-                if giving_up_at is None:
-                    giving_up_at = now + self.retry_for
-                if now >= giving_up_at:
-                    return _Result(root, fatal=AgentConnectionError(
-                        f"no agent answered for {self.retry_for:g} s; last error: {last_error}"))
-                self.stopping.wait(min(wait, giving_up_at - now, 1.0))
-                continue
-            conn = conns.get(idx)
-            if conn is None:
-                conn = conns[idx] = AgentHTTP(self.hosts.addresses[idx], self.timeout, self.connect_timeout)
-                with self._conns_lock:
-                    self._conns.append(conn)
-            try:
-                listing = conn.listdir(raw, self.want_stat, root)
-            except TRANSIENT_ERRORS as exc:
-                last_error = exc
-                retry_after = exc.retry_after if isinstance(exc, AgentBusyError) else None
-                self.hosts.failed(idx, retry_after)
-                continue
-            except BaseException as exc:  # a bug or a refusal no retry can fix: end the walk
-                return _Result(root, fatal=exc)
-            self.hosts.succeeded(idx)
-            return _Result(root, listing)
-        return _Result(root, fatal=AgentConnectionError("walk stopped"))
+            if idx >= 0:
+                return idx
+            if time.monotonic() - self.hosts.last_ok >= self.retry_for:
+                with self._cond:
+                    if not self._stopping:
+                        self._deliver(AgentConnectionError(f"no agent answered for {self.retry_for:g} s"))
+                    self._stopping = True
+                    self._cond.notify_all()
+                return None
+            with self._cond:
+                self._cond.wait(min(max(wait, 0.01), 0.5))
 
-    # -- generator side ------------------------------------------------------------
+    def _serve(self, idx: int, conn: AgentHTTP, batch: list[bytes], subtree: bool) -> None:
+        """Run one request for ``batch``; whatever it does not complete goes back on the queue."""
+        pending = dict.fromkeys(batch)  # ordered set of paths this request owes
+        try:
+            if subtree:
+                done = self._serve_subtree(conn, batch, pending)
+            else:
+                (path,) = batch
+                listing = conn.listdir(path, self.stat, self._filename(path))
+                self._complete(path, listing.entries, listing.error, pending)
+                done = 1
+        except SubtreeUnsupported:
+            self.hosts.subtree[idx] = False
+            if self.mode == "subtree":
+                raise
+            self._requeue(list(pending))
+            return
+        except TRANSIENT_ERRORS as exc:
+            self._requeue(list(pending))
+            retry_after = exc.retry_after if isinstance(exc, AgentBusyError) else None
+            self.hosts.failed(idx, retry_after)
+            return
+        if not subtree:
+            self._requeue(list(pending))
+        self.hosts.succeeded(idx, done)
 
-    def start(self) -> None:
-        for t in self.threads:
-            t.start()
+    def _serve_subtree(self, conn: AgentHTTP, batch: list[bytes], pending: dict[bytes, None]) -> int:
+        req = WalkRequest(paths=batch, stat=self.stat, max_entries=self._budget, max_seconds=MAX_SECONDS)
+        current: Optional[bytes] = None
+        entries: list[Entry] = []
+        error: Optional[OSError] = None
+        done = 0
+        for frame in conn.walk(req):
+            if isinstance(frame, EntriesFrame):
+                if current is None:
+                    raise AgentProtocolError("entries before any directory")
+                entries.extend(frame.entries)
+            elif isinstance(frame, DirFrame):
+                if current is not None:
+                    self._complete(current, entries, error, pending)
+                    done += 1
+                if frame.path not in pending:
+                    raise AgentProtocolError(f"agent listed {frame.path!r}, which was not asked for")
+                current, entries, error = frame.path, [], None
+            elif isinstance(frame, ErrorFrame):
+                if current is None:
+                    raise AgentProtocolError("error before any directory")
+                error = OSError(frame.errno, frame.message, self._filename(current))
+            elif isinstance(frame, EndFrame):
+                if current is not None:
+                    self._complete(current, entries, error, pending)
+                    done += 1
+                if set(frame.frontier) != set(pending):
+                    raise AgentProtocolError("the agent's frontier does not match the directories it left")
+                self._requeue(list(pending))
+                pending.clear()
+                self._budget = min(self._budget * 2, self.max_budget)
+                return done
+        raise AgentProtocolError("walk answer ended before its end frame")
 
-    def stop(self) -> None:
-        """Stop every thread and close every socket; returns when they are gone."""
-        self.stopping.set()
-        for _ in self.threads:
-            self.todo.put(_STOP)
-        with self._conns_lock:
-            for conn in self._conns:
-                conn.abort()
-        for t in self.threads:
-            t.join()
+    def _complete(self, path: bytes, entries: list[Entry], error: Optional[OSError],
+                  pending: dict[bytes, None]) -> None:
+        """Hand one directory to the generator; its subdirectories become owed work."""
+        del pending[path]
+        if error is None:
+            subdirs = [_join(path, e.name) for e in entries if e.kind == KIND_DIR]
+            if subdirs:
+                self._outstanding_add(len(subdirs))
+                pending.update(dict.fromkeys(subdirs))
+        else:
+            entries = []
+        self._deliver(_Dir(path, entries, error))
 
-    def results_in_order(self) -> Iterator[tuple[AnyStr, RemoteListing]]:
-        """Listings as they arrive; the caller queues subdirectories with :meth:`push`."""
-        self.pending = 1
-        self.todo.put(self.top)
-        while self.pending:
-            res = self.results.get()
-            self.pending -= 1
-            if res.fatal is not None:
-                raise res.fatal
-            assert res.listing is not None
-            yield res.root, res.listing  # type: ignore[misc]
-
-    def push(self, root: AnyStr, names: Sequence[AnyStr], links: set) -> None:
-        """Queue the subdirectories of ``root`` that the walk goes into."""
-        for name in names:
-            if name not in links:
-                self.todo.put(os.path.join(root, name))
-                self.pending += 1
+    def _filename(self, path: bytes) -> Union[str, bytes]:
+        return path if self._bytes else os.fsdecode(path)
 
 
-def _walk(
-    top: AnyStr, hosts: Union[str, Sequence[str]], port: int, workers: int, want_stat: bool,
-    timeout: float, connect_timeout: float, retry_for: float,
-) -> _Walk[AnyStr]:
-    return _Walk(top, parse_hosts(hosts, port), workers, want_stat, timeout, connect_timeout, retry_for)
+def _typed(top: AnyStr) -> Callable[[bytes], AnyStr]:
+    return (lambda b: b) if isinstance(top, bytes) else os.fsdecode  # type: ignore[return-value]
+
+
+def _after_yield(walker: Walker, root: bytes, before: list, after: list, links: set) -> None:
+    """Apply what the loop body did to ``dirs``: removed names prune, new names are walked."""
+    if before == after:
+        return
+    kept = set(after)
+    for name in before:
+        if name not in kept:
+            walker.prune(_join(root, os.fsencode(name)))
+    known = set(before)
+    for name in after:
+        if name not in known and name not in links:
+            walker.add(_join(root, os.fsencode(name)))
 
 
 def parallel_walk(
@@ -199,35 +397,45 @@ def parallel_walk(
     hosts: Union[str, Sequence[str], None] = None,
     port: int = DEFAULT_PORT,
     onerror: OnError = None,
-    *,
-    timeout: float = DEFAULT_TIMEOUT,
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-    retry_for: float = DEFAULT_RETRY_FOR,
+    **options: Any,
 ) -> Iterator[tuple[AnyStr, list[AnyStr], list[AnyStr]]]:
     """Walk a remote tree like ``os.walk(top)`` (top-down, symlinks not followed).
 
-    Directories are listed ``workers`` at a time, spread over ``hosts``, and yielded
-    as they arrive. Removing names from ``dirs`` keeps the walk out of them. Errors
-    listing a directory go to ``onerror`` (an ``OSError`` with ``filename`` set), as
-    with ``os.walk``; :class:`AgentConnectionError` is raised when no agent answers
-    for ``retry_for`` seconds. Leaving the loop early stops every thread and socket.
+    Directories are listed ``workers`` requests at a time, spread over ``hosts``,
+    and yielded as they arrive (not in ``os.walk``'s order). Removing names from
+    ``dirs`` keeps the walk out of them. Errors listing a directory go to
+    ``onerror`` (an ``OSError`` with ``filename`` set), as with ``os.walk``;
+    :class:`AgentConnectionError` is raised when no agent answers for ``retry_for``
+    seconds. Leaving the loop early stops every thread and socket. ``options`` are
+    :class:`Walker`'s: ``mode``, ``timeout``, ``connect_timeout``, ``retry_for``,
+    ``compress``.
     """
     if hosts is None:
         raise ValueError("hosts is required")
-    walk = _walk(top, hosts, port, workers, False, timeout, connect_timeout, retry_for)
-    walk.start()
-    try:
-        for root, listing in walk.results_in_order():
-            if listing.error is not None:
-                if onerror is not None:
-                    onerror(listing.error)
-                continue
-            dirs, files = split_names(root, listing.entries)
-            links = _symlink_names(root, listing)
-            yield root, dirs, files
-            walk.push(root, dirs, links)
-    finally:
-        walk.stop()
+    top = os.fspath(top)
+    walker = Walker(top, hosts, port=port, workers=workers, **options)
+    typed = _typed(top)
+    for d in walker.dirs():
+        if d.error is not None:
+            if onerror is not None:
+                onerror(d.error)
+            continue
+        dirs: list[Any] = []
+        files: list[Any] = []
+        links = set()
+        for e in d.entries:
+            name = typed(e.name)
+            if e.kind == KIND_DIR:
+                dirs.append(name)
+            elif e.kind == KIND_SYMLINK and e.target == KIND_DIR:
+                dirs.append(name)
+                links.add(name)
+            else:
+                files.append(name)
+        root = top if d.path == walker.top else typed(d.path)
+        before = list(dirs)
+        yield root, dirs, files
+        _after_yield(walker, d.path, before, dirs, links)
 
 
 def parallel_walk_entries(
@@ -236,10 +444,7 @@ def parallel_walk_entries(
     hosts: Union[str, Sequence[str], None] = None,
     port: int = DEFAULT_PORT,
     onerror: OnError = None,
-    *,
-    timeout: float = DEFAULT_TIMEOUT,
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-    retry_for: float = DEFAULT_RETRY_FOR,
+    **options: Any,
 ) -> Iterator[tuple[AnyStr, list[AgentDirEntry[AnyStr]], list[AgentDirEntry[AnyStr]]]]:
     """:func:`parallel_walk` yielding ``(root, dirs, files)`` of :class:`AgentDirEntry`.
 
@@ -248,25 +453,19 @@ def parallel_walk_entries(
     """
     if hosts is None:
         raise ValueError("hosts is required")
-    walk = _walk(top, hosts, port, workers, True, timeout, connect_timeout, retry_for)
-    walk.start()
-    try:
-        for root, listing in walk.results_in_order():
-            if listing.error is not None:
-                if onerror is not None:
-                    onerror(listing.error)
-                continue
-            decode = (lambda b: b) if isinstance(root, bytes) else os.fsdecode
-            dirs: list[AgentDirEntry[AnyStr]] = []
-            files: list[AgentDirEntry[AnyStr]] = []
-            for e in listing.entries:
-                (dirs if is_walk_dir(e) else files).append(AgentDirEntry(root, decode(e.name), e))
-            yield root, dirs, files
-            walk.push(root, [d.name for d in dirs], {d.name for d in dirs if d.is_symlink()})
-    finally:
-        walk.stop()
-
-
-def _symlink_names(root: AnyStr, listing: RemoteListing) -> set:
-    decode = (lambda b: b) if isinstance(root, bytes) else os.fsdecode
-    return {decode(e.name) for e in listing.entries if e.kind == KIND_SYMLINK}
+    top = os.fspath(top)
+    walker = Walker(top, hosts, port=port, workers=workers, stat=True, **options)
+    typed = _typed(top)
+    for d in walker.dirs():
+        if d.error is not None:
+            if onerror is not None:
+                onerror(d.error)
+            continue
+        root = top if d.path == walker.top else typed(d.path)
+        dirs: list[AgentDirEntry[AnyStr]] = []
+        files: list[AgentDirEntry[AnyStr]] = []
+        for e in d.entries:
+            (dirs if is_walk_dir(e) else files).append(AgentDirEntry(root, typed(e.name), e))
+        before = [x.name for x in dirs]
+        yield root, dirs, files
+        _after_yield(walker, d.path, before, [x.name for x in dirs], {x.name for x in dirs if x.is_symlink()})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .exports import BadPath, Export, split_path
+from .exports import CONTROL_PREFIX, BadPath, Export, split_path
 
 DEFAULT_LISTEN = "0.0.0.0"
 DEFAULT_PORT = 9999
@@ -40,6 +40,11 @@ class AgentConfig:
                     split_path(path)
                 except BadPath as exc:
                     raise ConfigError(f"-r {label} {os.fsdecode(path)!r}: {exc}") from None
+            if export.remote_parts[:1] in ((), (CONTROL_PREFIX,)):
+                raise ConfigError(
+                    f"-r REMOTE {os.fsdecode(export.remote)!r}: REMOTE may not be / nor under "
+                    "/_agent (reserved for the agent's own endpoints)"
+                )
             if not os.path.isdir(export.local):
                 what = "does not exist" if not os.path.lexists(export.local) else "is not a directory"
                 raise ConfigError(f"-r LOCAL {os.fsdecode(export.local)!r} {what}")

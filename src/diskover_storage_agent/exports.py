@@ -15,6 +15,8 @@ from dataclasses import dataclass
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_SYMLINKS = 40  # as Linux's MAXSYMLINKS
 MAX_PATH = 4096  # PATH_MAX
+#: First component of the agent's own endpoints (``/_agent/...``); no export may cover it.
+CONTROL_PREFIX = b"_agent"
 
 
 class BadPath(ValueError):

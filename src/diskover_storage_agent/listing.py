@@ -9,9 +9,10 @@ from __future__ import annotations
 import heapq
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator
 from itertools import islice
-from typing import IO, Any, Optional
+from typing import IO, Any, Optional, Protocol
 
 import msgspec
 
@@ -32,6 +33,20 @@ CHUNK = 1000
 SORT_RUN = 100_000
 
 _fsencode = os.fsencode
+
+
+class Reader(Protocol):
+    """An answer being produced in the thread pool, one chunk per :meth:`read`."""
+
+    done: bool
+    headers: dict[str, str]
+
+    def read(self) -> bytes: ...
+
+    def error_chunk(self, exc: OSError) -> Optional[bytes]:
+        """The end of an answer whose reading failed midway; None when it cannot be said."""
+
+    def close(self) -> None: ...
 
 
 def entry_kind(entry: os.DirEntry, dir_fd: int) -> str:
@@ -93,6 +108,8 @@ class Listing:
     :meth:`read`; :meth:`error_chunk` then encodes it for an answer already under way.
     """
 
+    headers: dict[str, str] = {}
+
     def __init__(self, fd: int, remote: bytes, fmt: str, want_stat: bool) -> None:
         self.fd = fd
         self.remote = remote
@@ -115,7 +132,7 @@ class Listing:
             self.done = True
         return b"".join(parts)
 
-    def error_chunk(self, exc: OSError) -> bytes:
+    def error_chunk(self, exc: OSError) -> Optional[bytes]:
         self.done = True
         code = errno_name(exc.errno)
         return encode_frame(("error", exc.errno or 0, code, exc.strerror or str(exc)), self.fmt) + encode_frame(
@@ -134,6 +151,8 @@ class TextListing:
     temporary files and merged, so memory stays bounded for any directory size.
     """
 
+    headers: dict[str, str] = {}
+
     def __init__(self, fd: int, remote: bytes) -> None:
         self.fd = fd
         self.remote = remote
@@ -149,6 +168,10 @@ class TextListing:
         if not chunk:
             self.done = True
         return chunk
+
+    def error_chunk(self, exc: OSError) -> Optional[bytes]:
+        self.done = True
+        return None
 
     def _scan_run(self) -> list[tuple[bytes, bool]]:
         return [
@@ -188,3 +211,41 @@ def _unspill(f: IO[bytes]) -> Iterator[tuple[bytes, bool]]:
     decode = msgspec.msgpack.Decoder(list[tuple[bytes, bool]]).decode
     for body in read_frames_raw(f.read):
         yield from decode(body)
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an ``Accept-Encoding`` header allows gzip (and does not refuse it with q=0)."""
+    for item in accept_encoding.split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip().lower() in ("gzip", "x-gzip"):
+            q = params.strip().lower()
+            return not (q.startswith("q=") and q[2:].strip() in ("0", "0.0", "0.00", "0.000"))
+    return False
+
+
+class GzipReader:
+    """Compresses another reader's chunks as they come (level 1: cheap for the agent)."""
+
+    headers = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+
+    def __init__(self, inner: Reader) -> None:
+        self.inner = inner
+        self.done = False
+        self._z = zlib.compressobj(1, zlib.DEFLATED, 31)
+
+    def read(self) -> bytes:
+        return self._pack(self.inner.read())
+
+    def error_chunk(self, exc: OSError) -> Optional[bytes]:
+        chunk = self.inner.error_chunk(exc)
+        return None if chunk is None else self._pack(chunk)
+
+    def _pack(self, chunk: bytes) -> bytes:
+        out = self._z.compress(chunk)
+        if self.inner.done:
+            self.done = True
+            return out + self._z.flush(zlib.Z_FINISH)
+        return out + self._z.flush(zlib.Z_SYNC_FLUSH)
+
+    def close(self) -> None:
+        self.inner.close()

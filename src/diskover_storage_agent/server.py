@@ -14,9 +14,10 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional, TypeVar, Union
+from typing import Any, Optional, TypeVar
 from urllib.parse import parse_qsl
 
+import msgspec
 from aiohttp import web
 
 from diskover_agent.protocol import (
@@ -35,8 +36,9 @@ from diskover_agent.protocol import (
 
 from . import __version__
 from .config import AgentConfig
-from .exports import BadPath, ExportTable, OutsideExport, split_path
-from .listing import Listing, TextListing
+from .exports import CONTROL_PREFIX, BadPath, ExportTable, OutsideExport, split_path
+from .listing import GzipReader, Listing, Reader, TextListing, accepts_gzip
+from .subtree import SubtreeWalk, decode_request, validate
 
 log = logging.getLogger("diskover_storage_agent")
 T = TypeVar("T")
@@ -46,6 +48,7 @@ _NOT_FOUND = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG}
 _FORBIDDEN = {errno.EACCES, errno.EPERM}
 _BOOL = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 _MAX_QUERY_FIELDS = 16
+_HEADERS = {PROTOCOL_HEADER: str(VERSION)}
 
 
 class BadRequest(ValueError):
@@ -96,9 +99,9 @@ class ListingRequest:
 
     __slots__ = ("fmt", "parts", "path", "want_stat")
 
-    def __init__(self, path: bytes, params: dict[str, str]) -> None:
+    def __init__(self, path: bytes, parts: tuple[bytes, ...], params: dict[str, str]) -> None:
         self.path = path
-        self.parts = split_path(path)
+        self.parts = parts
         self.fmt = params.pop("format", "text")
         if self.fmt not in FORMATS:
             raise BadRequest(f"format must be one of {', '.join(FORMATS)}")
@@ -121,6 +124,12 @@ class Agent:
         self.pool = ThreadPoolExecutor(max_workers=config.maxconnections, thread_name_prefix="diskover-fs")
         self._slots: Optional[asyncio.Semaphore] = None
 
+    @property
+    def slots(self) -> asyncio.Semaphore:
+        if self._slots is None:  # made on first use, inside the running loop
+            self._slots = asyncio.Semaphore(self.config.maxconnections)
+        return self._slots
+
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking file-system call in the agent's pool."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -135,76 +144,127 @@ class Agent:
             return error_response(500, "internal", "internal error, see the agent's log")
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        if request.method not in ("GET", "HEAD"):
-            return error_response(
-                405, "method_not_allowed", f"{request.method} is not allowed", headers={"Allow": "GET, HEAD"}
-            )
         try:
             path, params = parse_target(request.raw_path)
-            req = ListingRequest(path, params)
+            parts = split_path(path)
         except (BadRequest, BadPath) as exc:
             return error_response(400, "bad_request", str(exc))
-        found = self.exports.lookup(req.parts)
+        if parts[:1] == (CONTROL_PREFIX,):
+            return await self._control(request, parts[1:], params)
+        if request.method not in ("GET", "HEAD"):
+            return _method_not_allowed(request, "GET, HEAD")
+        try:
+            req = ListingRequest(path, parts, params)
+        except BadRequest as exc:
+            return error_response(400, "bad_request", str(exc))
+        found = self.exports.lookup(parts)
         if found is None:
             return error_response(
                 403, "not_exported", "Not inside an export of this agent", num=errno.EACCES, path=path
             )
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.config.maxconnections)
-        async with self._slots:
+        async with self.slots:
             try:
                 fd = await self.run(self.exports.open_beneath, found[0], found[1], path)
             except OSError as exc:
                 return os_error_response(exc, path)
             if request.method == "HEAD":
                 os.close(fd)
-                return web.Response(content_type=_CONTENT_TYPES[req.fmt].split(";")[0], headers=self._headers())
-            return await self._stream(request, req, fd)
+                return web.Response(headers={**_HEADERS, "Content-Type": _CONTENT_TYPES[req.fmt]})
+            try:
+                lister: Reader = await self.run(_open_lister, fd, req)
+            except OSError as exc:
+                os.close(fd)
+                return os_error_response(exc, path)
+            return await self._stream(request, lister, req.fmt, path)
 
-    def _headers(self) -> dict[str, str]:
-        return {PROTOCOL_HEADER: str(VERSION)}
+    async def _control(
+        self, request: web.BaseRequest, parts: tuple[bytes, ...], params: dict[str, str]
+    ) -> web.StreamResponse:
+        """The agent's own endpoints, under ``/_agent/``: never an exported path."""
+        if parts == (b"v1", b"info"):
+            if request.method not in ("GET", "HEAD"):
+                return _method_not_allowed(request, "GET, HEAD")
+            return web.Response(body=encode_info(self.config), content_type=ERROR_TYPE, headers=_HEADERS)
+        if parts == (b"v1", b"walk"):
+            if request.method != "POST":
+                return _method_not_allowed(request, "POST")
+            return await self._walk(request, params)
+        return error_response(404, "unknown_endpoint", "no such agent endpoint")
 
-    async def _stream(self, request: web.BaseRequest, req: ListingRequest, fd: int) -> web.StreamResponse:
+    async def _walk(self, request: web.BaseRequest, params: dict[str, str]) -> web.StreamResponse:
         try:
-            lister: Union[Listing, TextListing] = await self.run(_open_lister, fd, req)
-        except OSError as exc:
-            os.close(fd)
-            return os_error_response(exc, req.path)
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(413, "too_large", "walk request body too large")
+        is_json = request.content_type.startswith("application/json")
+        fmt = params.pop("format", "ndjson" if is_json else "msgpack")
+        if params:
+            return error_response(400, "bad_request", f"unknown query parameter {sorted(params)[0]!r}")
+        if fmt not in ("msgpack", "ndjson"):
+            return error_response(400, "bad_request", "format must be msgpack or ndjson")
+        try:
+            req = decode_request(body, request.content_type)
+        except ValueError as exc:
+            return error_response(400, "bad_request", str(exc))
+        problem = validate(req)
+        if problem:
+            return error_response(400, "bad_request", problem)
+        async with self.slots:
+            return await self._stream(request, SubtreeWalk(self.exports, req, fmt), fmt, None)
+
+    async def _stream(
+        self, request: web.BaseRequest, reader: Reader, fmt: str, path: Optional[bytes]
+    ) -> web.StreamResponse:
+        """Send what ``reader`` produces: in one piece when it fits one chunk, else streamed."""
         guard = threading.Lock()
+        if accepts_gzip(request.headers.get("Accept-Encoding", "")):
+            reader = GzipReader(reader)
         try:
             try:
-                chunk = await self.run(_locked, guard, lister.read)
+                chunk = await self.run(_locked, guard, reader.read)
             except OSError as exc:
-                return os_error_response(exc, req.path)
-            headers = {**self._headers(), "Content-Type": _CONTENT_TYPES[req.fmt]}
-            if lister.done:
+                return os_error_response(exc, path or b"")
+            headers = {**_HEADERS, "Content-Type": _CONTENT_TYPES[fmt], **reader.headers}
+            if reader.done:
                 return web.Response(body=chunk, headers=headers)
             resp = web.StreamResponse(headers=headers)
             await resp.prepare(request)
             await resp.write(chunk)
-            while not lister.done:
+            while not reader.done:
                 try:
-                    chunk = await self.run(_locked, guard, lister.read)
+                    chunk = await self.run(_locked, guard, reader.read)
                 except OSError as exc:
-                    if isinstance(lister, TextListing):
-                        # Plain text has no way to say so in-band: cut the answer short.
-                        log.warning("listing of %r failed midway: %s", req.path, exc)
+                    chunk = reader.error_chunk(exc)
+                    if chunk is None:
+                        # Plain text cannot say so in-band: cut the answer short.
+                        log.warning("listing of %r failed midway: %s", path, exc)
                         if request.transport is not None:
                             request.transport.abort()
                         return resp
-                    chunk = lister.error_chunk(exc)
                 await resp.write(chunk)
             await resp.write_eof()
             return resp
         finally:
             # Never block the loop on a close, nor race a read still running in the pool.
-            self.pool.submit(_locked, guard, lister.close)
+            self.pool.submit(_locked, guard, reader.close)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _open_lister(fd: int, req: ListingRequest) -> Union[Listing, TextListing]:
+def _method_not_allowed(request: web.BaseRequest, allow: str) -> web.Response:
+    return error_response(405, "method_not_allowed", f"{request.method} is not allowed", headers={"Allow": allow})
+
+
+def encode_info(config: AgentConfig) -> bytes:
+    return msgspec.json.encode({
+        "agent": "diskover-storage-agent", "version": __version__, "protocol": VERSION,
+        "features": ["listing", "walk", "stat", "gzip"],
+        "exports": [os.fsdecode(e.remote) for e in config.exports],
+    })
+
+
+def _open_lister(fd: int, req: ListingRequest) -> Reader:
     if req.fmt == "text":
         return TextListing(fd, req.path)
     return Listing(fd, req.path, req.fmt, req.want_stat)
