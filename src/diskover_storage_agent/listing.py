@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import sys
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -33,6 +34,9 @@ CHUNK = 1000
 SORT_RUN = 100_000
 
 _fsencode = os.fsencode
+_encode = str.encode
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
 
 
 class Reader(Protocol):
@@ -71,32 +75,47 @@ def target_stat(name: str, dir_fd: int) -> Optional[os.stat_result]:
         return None
 
 
-def read_entries(it: Iterator[os.DirEntry], dir_fd: int, want_stat: bool, limit: int) -> list[tuple]:
-    """Up to ``limit`` wire entries from a scandir iterator (see the protocol module)."""
+def read_entries(
+    it: Iterator[os.DirEntry], dir_fd: int, want_stat: bool, limit: int, subdirs: Optional[list[bytes]] = None
+) -> list[tuple]:
+    """Up to ``limit`` wire entries from a scandir iterator (see the protocol module).
+
+    The names of real directories are also appended to ``subdirs`` when given. This
+    loop is the agent's hot path: it stays inline, with no call per entry that
+    ``d_type`` makes unnecessary.
+    """
     out: list[tuple] = []
     append = out.append
+    add_dir = subdirs.append if subdirs is not None else (lambda _name: None)
     if not want_stat:
         for entry in islice(it, limit):
-            kind = entry_kind(entry, dir_fd)
-            if kind == KIND_SYMLINK:
-                tst = target_stat(entry.name, dir_fd)
-                append((_fsencode(entry.name), kind, tst and kind_of_mode(tst.st_mode), None, None))
+            name = _encode(entry.name, _FS_ENCODING, _FS_ERRORS)
+            if entry.is_dir(follow_symlinks=False):
+                append((name, KIND_DIR, None, None, None))
+                add_dir(name)
+            elif entry.is_file(follow_symlinks=False):
+                append((name, KIND_FILE, None, None, None))
             else:
-                append((_fsencode(entry.name), kind, None, None, None))
+                kind = entry_kind(entry, dir_fd)
+                tst = target_stat(entry.name, dir_fd) if kind == KIND_SYMLINK else None
+                append((name, kind, tst and kind_of_mode(tst.st_mode), None, None))
         return out
     for entry in islice(it, limit):
+        name = _encode(entry.name, _FS_ENCODING, _FS_ERRORS)
         try:
             st: Any = entry.stat(follow_symlinks=False)
             kind = kind_of_mode(st.st_mode)
             fields: Optional[tuple] = stat_fields(st)
         except OSError:
             kind, fields = entry_kind(entry, dir_fd), None
-        if kind == KIND_SYMLINK:
+        if kind == KIND_DIR:
+            add_dir(name)
+        elif kind == KIND_SYMLINK:
             tst = target_stat(entry.name, dir_fd)
             if tst is not None:
-                append((_fsencode(entry.name), kind, kind_of_mode(tst.st_mode), fields, stat_fields(tst)))
+                append((name, kind, kind_of_mode(tst.st_mode), fields, stat_fields(tst)))
                 continue
-        append((_fsencode(entry.name), kind, None, fields, None))
+        append((name, kind, None, fields, None))
     return out
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 
 import msgspec
 
-from diskover_agent.protocol import KIND_DIR, WalkRequest, decode_json_walk_request, encode_frame, errno_name
+from diskover_agent.protocol import WalkRequest, decode_json_walk_request, encode_frame, errno_name
 
 from .exports import BadPath, ExportTable, OutsideExport, split_path
 from .listing import CHUNK, read_entries
@@ -146,9 +146,8 @@ class SubtreeWalk:
         try:
             with os.scandir(fd) as it:
                 while True:
-                    entries = read_entries(it, fd, self.req.stat, CHUNK)
+                    entries = read_entries(it, fd, self.req.stat, CHUNK, subdirs)
                     self.entries += len(entries)
-                    subdirs.extend(e[0] for e in entries if e[1] == KIND_DIR)
                     if entries:
                         yield self._encode(("entries", entries))
                     if len(entries) < CHUNK:
