@@ -1,0 +1,89 @@
+"""A directory that takes seconds to list (a FUSE file system standing in for a hung
+NFS mount) holds only its own requests: other clients are served meanwhile."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import REMOTE
+
+pytest.importorskip("fuse", reason="fusepy is needed for the slow file system")
+if not os.path.exists("/dev/fuse") or shutil.which("fusermount") is None:
+    pytest.skip("FUSE is not available here", allow_module_level=True)
+
+SLOW = 2.0
+
+
+@pytest.fixture(scope="module")
+def slowfs(tmp_path_factory) -> Iterator[SimpleNamespace]:
+    mnt = tmp_path_factory.mktemp("slowfs")
+    log = tmp_path_factory.mktemp("slowfs-log") / "started"
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("slowfs.py")), str(mnt)],
+                            env={**os.environ, "SLOW": str(SLOW), "SLOWFS_LOG": str(log)}, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while not os.path.isdir(mnt / "fast"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.skip(f"could not mount FUSE: {proc.stderr.read().decode(errors='replace')[-300:]}")
+        time.sleep(0.02)
+    yield SimpleNamespace(mnt=mnt, started_log=log)
+    subprocess.run(["fusermount", "-u", str(mnt)], check=False)
+    proc.terminate()
+    proc.wait(10)
+
+
+def timed_get(port: int, path: str) -> tuple[int, float]:
+    start = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, time.monotonic() - start
+    finally:
+        conn.close()
+
+
+def wait_for_slow_listings(log: Path, count: int, timeout: float = 10) -> None:
+    """Until ``count`` slow listings are under way in the file system."""
+    deadline = time.monotonic() + timeout
+    while not log.exists() or len(log.read_text().splitlines()) < count:
+        assert time.monotonic() < deadline, "the slow listings did not start"
+        time.sleep(0.01)
+
+
+def test_slow_listings_do_not_stall_others(slowfs, start_agent):
+    # More slow listings than asyncio's default executor has threads on 2 cores (6).
+    agent = start_agent([(REMOTE, str(slowfs.mnt))])
+    slowfs.started_log.unlink(missing_ok=True)
+    with ThreadPoolExecutor(12) as pool:
+        slow = [pool.submit(timed_get, agent.port, f"{REMOTE}/slow{i}") for i in range(10)]
+        wait_for_slow_listings(slowfs.started_log, 10)
+        fast_status, fast_time = timed_get(agent.port, REMOTE + "/fast")
+        assert all(not f.done() for f in slow), "the slow listings should still be running"
+        results = [f.result() for f in slow]
+    assert fast_status == 200
+    assert fast_time < SLOW / 2
+    assert all(status == 200 and took >= SLOW * 0.9 for status, took in results)
+
+
+def test_maxconnections_queues_instead_of_dropping(slowfs, start_agent):
+    agent = start_agent([(REMOTE, str(slowfs.mnt))], extra=("-c", "2"))
+    start = time.monotonic()
+    with ThreadPoolExecutor(5) as pool:
+        results = list(pool.map(lambda i: timed_get(agent.port, f"{REMOTE}/slow{i}"), range(5)))
+    elapsed = time.monotonic() - start
+    assert [status for status, _ in results] == [200] * 5
+    # two at a time: 5 listings need three rounds of SLOW seconds
+    assert elapsed >= 2.8 * SLOW
