@@ -37,10 +37,12 @@ def slowfs(tmp_path_factory) -> Iterator[SimpleNamespace]:
             proc.kill()
             pytest.skip(f"could not mount FUSE: {proc.stderr.read().decode(errors='replace')[-300:]}")
         time.sleep(0.02)
-    yield SimpleNamespace(mnt=mnt, started_log=log)
-    subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-    proc.terminate()
-    proc.wait(10)
+    try:
+        yield SimpleNamespace(mnt=mnt, started_log=log)
+    finally:
+        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
+        proc.terminate()
+        proc.wait(10)
 
 
 def timed_get(port: int, path: str) -> tuple[int, float]:
