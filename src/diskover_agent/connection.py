@@ -14,14 +14,12 @@ from .transport import (
     DEFAULT_PORT,
     TRANSIENT_ERRORS,
     AgentHTTP,
+    ClientOptions,
     HostAddress,
     RemoteListing,
     fsencode_path,
     parse_host,
 )
-
-DEFAULT_TIMEOUT = 60.0
-DEFAULT_CONNECT_TIMEOUT = 5.0
 
 
 def parse_hosts(hosts: Union[str, Sequence[str]], port: int) -> list[HostAddress]:
@@ -51,6 +49,9 @@ def split_names(path: AnyStr, entries: list[Entry]) -> tuple[list[AnyStr], list[
 class AgentConnection:
     """A connection to one of several agents; :meth:`connect` moves to the next one.
 
+    ``options`` are :class:`~diskover_agent.transport.ClientOptions`' (``timeout``,
+    ``connect_timeout``, ``token``, ``tls``, ``cafile``, ``verify``, ``compress``).
+
     >>> c = AgentConnection(hosts=["stornode1", "stornode2"])
     >>> c.connect(); c.conn_host()
     'stornode1'
@@ -62,13 +63,10 @@ class AgentConnection:
         self,
         hosts: Union[str, Sequence[str]],
         port: int = DEFAULT_PORT,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        **options: Any,
     ) -> None:
         self._addresses = parse_hosts(hosts, port)
-        self._timeout = timeout
-        self._connect_timeout = connect_timeout
+        self._options = ClientOptions(**options)
         self._next = 0
         self._http: Optional[AgentHTTP] = None
         self._response_time: Optional[float] = None
@@ -84,7 +82,7 @@ class AgentConnection:
         for _ in range(len(self._addresses)):
             address = self._addresses[self._next % len(self._addresses)]
             self._next += 1
-            http = AgentHTTP(address, self._timeout, self._connect_timeout)
+            http = AgentHTTP(address, self._options)
             try:
                 http.connect()
             except OSError as exc:

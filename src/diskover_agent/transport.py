@@ -11,6 +11,7 @@ import http.client
 import ipaddress
 import os
 import socket
+import ssl
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +36,10 @@ from .protocol import (
 )
 
 DEFAULT_PORT = 9999
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+#: The bearer token, when none is given in code.
+TOKEN_ENV = "DISKOVER_AGENT_TOKEN"
 WALK_PATH = "/_agent/v1/walk"
 #: Errors that mean "this host, this time": retry elsewhere or later.
 TRANSIENT_ERRORS = (OSError, http.client.HTTPException, ProtocolError, AgentProtocolError, AgentBusyError)
@@ -82,26 +87,69 @@ class RemoteListing:
     error: Optional[OSError] = None
 
 
+class ClientOptions:
+    """How the client talks to agents; shared by every connection of a walk.
+
+    ``timeout``: seconds to wait for an answer's next bytes; ``connect_timeout``: for a
+    connection. ``token``: the bearer token (default: the ``DISKOVER_AGENT_TOKEN``
+    environment variable). ``tls``: HTTPS, verifying the agent's certificate against
+    the system's CAs or ``cafile``; ``verify=False`` turns verification off (explicitly).
+    ``compress``: ask for gzip answers (default: except on loopback).
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        token: Optional[str] = None,
+        tls: bool = False,
+        cafile: Optional[str] = None,
+        verify: bool = True,
+        compress: Optional[bool] = None,
+    ) -> None:
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+        self.compress = compress
+        self.ssl_context: Optional[ssl.SSLContext] = None
+        if tls or cafile is not None:
+            ctx = ssl.create_default_context(cafile=cafile)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            if not verify:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            self.ssl_context = ctx
+
+
 class AgentHTTP:
     """One keep-alive HTTP connection to one agent, reopened when it breaks."""
 
-    def __init__(self, address: HostAddress, timeout: float, connect_timeout: float,
-                 compress: Optional[bool] = None) -> None:
+    def __init__(self, address: HostAddress, options: ClientOptions) -> None:
         self.address = address
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self.compress = (not is_loopback(address.host)) if compress is None else compress
+        self.options = options
+        self.compress = (not is_loopback(address.host)) if options.compress is None else options.compress
+        self._headers = {"Accept": MSGPACK_TYPE, "Accept-Encoding": "gzip" if self.compress else "identity"}
+        if options.token:
+            self._headers["Authorization"] = f"Bearer {options.token}"
         self._conn: Optional[http.client.HTTPConnection] = None
 
     def connect(self) -> None:
         if self._conn is None or self._conn.sock is None:
-            conn = http.client.HTTPConnection(self.address.host, self.address.port, timeout=self.connect_timeout)
+            opts = self.options
+            conn: http.client.HTTPConnection
+            if opts.ssl_context is not None:
+                conn = http.client.HTTPSConnection(
+                    self.address.host, self.address.port, timeout=opts.connect_timeout, context=opts.ssl_context
+                )
+            else:
+                conn = http.client.HTTPConnection(self.address.host, self.address.port, timeout=opts.connect_timeout)
             try:
                 conn.connect()
             except OSError:
                 conn.close()
                 raise
-            conn.sock.settimeout(self.timeout)
+            conn.sock.settimeout(opts.timeout)
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._conn = conn
 
@@ -156,9 +204,9 @@ class AgentHTTP:
     def _request(self, method: str, target: str, body: Optional[bytes] = None) -> http.client.HTTPResponse:
         self.connect()
         assert self._conn is not None
-        headers = {"Accept": MSGPACK_TYPE, "Accept-Encoding": "gzip" if self.compress else "identity"}
+        headers = self._headers
         if body is not None:
-            headers["Content-Type"] = MSGPACK_TYPE
+            headers = {**headers, "Content-Type": MSGPACK_TYPE}
         self._conn.request(method, target, body=body, headers=headers)
         resp = self._conn.getresponse()
         if resp.getheader(PROTOCOL_HEADER) is None:

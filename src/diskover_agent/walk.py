@@ -19,11 +19,19 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, AnyStr, Optional, Union
 
-from .connection import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, is_walk_dir, parse_hosts
+from .connection import is_walk_dir, parse_hosts
 from .entry import AgentDirEntry
 from .errors import AgentBusyError, AgentConnectionError, AgentProtocolError
 from .protocol import KIND_DIR, KIND_SYMLINK, DirFrame, EndFrame, EntriesFrame, Entry, ErrorFrame, WalkRequest
-from .transport import DEFAULT_PORT, TRANSIENT_ERRORS, AgentHTTP, HostAddress, SubtreeUnsupported, fsencode_path
+from .transport import (
+    DEFAULT_PORT,
+    TRANSIENT_ERRORS,
+    AgentHTTP,
+    ClientOptions,
+    HostAddress,
+    SubtreeUnsupported,
+    fsencode_path,
+)
 
 #: Seconds a walk keeps retrying while no agent answers, before it raises.
 DEFAULT_RETRY_FOR = 10.0
@@ -109,11 +117,9 @@ class Walker:
         workers: int = 40,
         stat: bool = False,
         mode: str = "auto",
-        timeout: float = DEFAULT_TIMEOUT,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         retry_for: float = DEFAULT_RETRY_FOR,
-        compress: Optional[bool] = None,
         max_budget: int = MAX_BUDGET,
+        **options: Any,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -124,10 +130,8 @@ class Walker:
         self.hosts = _Hosts(parse_hosts(hosts, port))
         self.stat = stat
         self.mode = mode
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
+        self.options = ClientOptions(**options)
         self.retry_for = retry_for
-        self.compress = compress
         self.max_budget = max_budget
         self._budget = min(FIRST_BUDGET, max_budget)
         self._todo: collections.deque[bytes] = collections.deque([self.top])
@@ -267,9 +271,7 @@ class Walker:
                     continue
                 conn = conns.get(idx)
                 if conn is None:
-                    conn = conns[idx] = AgentHTTP(
-                        self.hosts.addresses[idx], self.timeout, self.connect_timeout, self.compress
-                    )
+                    conn = conns[idx] = AgentHTTP(self.hosts.addresses[idx], self.options)
                     self._conns.append(conn)
                 self._serve(idx, conn, batch, subtree)
         except BaseException as exc:  # a bug, or a refusal no retry can fix: end the walk
@@ -407,8 +409,9 @@ def parallel_walk(
     ``onerror`` (an ``OSError`` with ``filename`` set), as with ``os.walk``;
     :class:`AgentConnectionError` is raised when no agent answers for ``retry_for``
     seconds. Leaving the loop early stops every thread and socket. ``options`` are
-    :class:`Walker`'s: ``mode``, ``timeout``, ``connect_timeout``, ``retry_for``,
-    ``compress``.
+    :class:`Walker`'s (``mode``, ``retry_for``) and
+    :class:`~diskover_agent.transport.ClientOptions`' (``timeout``, ``connect_timeout``,
+    ``token``, ``tls``, ``cafile``, ``verify``, ``compress``).
     """
     if hosts is None:
         raise ValueError("hosts is required")

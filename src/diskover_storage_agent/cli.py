@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import resource
 import sys
 from typing import Optional
 
@@ -13,9 +15,12 @@ from .config import (
     DEFAULT_LISTEN,
     DEFAULT_MAXCONNECTIONS,
     DEFAULT_PORT,
+    TOKEN_ENV,
     AgentConfig,
     ConfigError,
     make_export,
+    read_token_file,
+    tls_context,
 )
 from .server import serve
 
@@ -39,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeat for more exports)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more output: -v logs every request, -vv debug")
+    sec = p.add_argument_group("security")
+    sec.add_argument("--token-file", metavar="FILE",
+                     help=f"require 'Authorization: Bearer TOKEN' with the token in FILE "
+                          f"(or in the {TOKEN_ENV} environment variable)")
+    sec.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM, with its chain)")
+    sec.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
     return p
 
 
@@ -50,14 +61,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         stream=sys.stderr,
     )
     try:
+        token = read_token_file(args.token_file) if args.token_file else os.environ.get(TOKEN_ENV) or None
         config = AgentConfig(
             exports=[make_export(remote, local) for remote, local in args.replacepath],
             listen=args.listen, port=args.port, maxconnections=args.maxconnections,
-            verbose=args.verbose,
+            verbose=args.verbose, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
         )
+        tls_context(config)  # fail now, with a clear message, on a bad certificate or key
     except ConfigError as exc:
         print(f"diskover-storage-agent: error: {exc}", file=sys.stderr)
         return 2
+    _raise_open_files_limit()
     try:
         import uvloop  # optional extra: a faster event loop
     except ImportError:
@@ -70,3 +84,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"diskover-storage-agent: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _raise_open_files_limit() -> None:
+    """Many clients mean many sockets: lift the soft limit on open files to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass
+from typing import Optional
 
 from .exports import CONTROL_PREFIX, BadPath, Export, split_path
 
 DEFAULT_LISTEN = "0.0.0.0"
 DEFAULT_PORT = 9999
 DEFAULT_MAXCONNECTIONS = 50
+#: Environment variable holding the bearer token (for containers), like --token-file.
+TOKEN_ENV = "DISKOVER_AGENT_TOKEN"
 
 
 class ConfigError(ValueError):
@@ -25,6 +29,15 @@ class AgentConfig:
     verbose: int = 0
     #: Seconds in-flight answers get to finish on SIGTERM/Ctrl-C.
     shutdown_timeout: float = 30.0
+    #: The bearer token every request must carry; None: no authentication.
+    token: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    #: Requests that may wait for a listing slot; past that, 503 with Retry-After.
+    #: None: ten times ``maxconnections``.
+    max_queue: Optional[int] = None
+    #: Seconds a request may wait for a slot before it gets a 503.
+    max_wait: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.exports:
@@ -33,6 +46,14 @@ class AgentConfig:
             raise ConfigError(f"port {self.port} is not between 0 and 65535")
         if self.maxconnections < 1:
             raise ConfigError("--maxconnections must be at least 1")
+        if self.max_queue is None:
+            self.max_queue = 10 * self.maxconnections
+        if self.max_queue < 0:
+            raise ConfigError("the queue length cannot be negative")
+        if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
+            raise ConfigError("the token must be non-empty and hold no whitespace")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
         seen = set()
         for export in self.exports:
             for label, path in (("REMOTE", export.remote), ("LOCAL", export.local)):
@@ -56,3 +77,28 @@ class AgentConfig:
 def make_export(remote: str, local: str) -> Export:
     """An export from command-line strings."""
     return Export(remote=os.fsencode(remote), local=os.fsencode(local))
+
+
+def read_token_file(path: str) -> str:
+    """The token in ``path`` (surrounding whitespace stripped)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--token-file {path!r}: {exc}") from None
+    if not token:
+        raise ConfigError(f"--token-file {path!r} is empty")
+    return token
+
+
+def tls_context(config: AgentConfig) -> Optional[ssl.SSLContext]:
+    """The server-side TLS context, or None without --tls-cert."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load --tls-cert/--tls-key: {exc}") from None
+    return ctx

@@ -7,12 +7,14 @@ the event loop, and at most ``-c`` listings are served at once: more wait in lin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import hmac
 import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, TypeVar
 from urllib.parse import parse_qsl
@@ -35,7 +37,7 @@ from diskover_agent.protocol import (
 )
 
 from . import __version__
-from .config import AgentConfig
+from .config import AgentConfig, tls_context
 from .exports import CONTROL_PREFIX, BadPath, ExportTable, OutsideExport, split_path
 from .listing import GzipReader, Listing, Reader, TextListing, accepts_gzip
 from .subtree import SubtreeWalk, decode_request, validate
@@ -115,6 +117,51 @@ class ListingRequest:
             raise BadRequest(f"unknown query parameter {sorted(params)[0]!r}")
 
 
+class Slots:
+    """At most ``size`` answers under way; a bounded line waits for a turn."""
+
+    def __init__(self, size: int, max_queue: int, max_wait: float) -> None:
+        self._sem = asyncio.Semaphore(size)
+        self.max_queue = max_queue
+        self.max_wait = max_wait
+        self.waiting = 0
+
+    async def acquire(self) -> bool:
+        """Take a slot; False when the line is full or the wait too long (answer 503)."""
+        if self._sem.locked() and self.waiting >= self.max_queue:
+            return False
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self._sem.acquire(), self.max_wait)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            self.waiting -= 1
+
+    def release(self) -> None:
+        self._sem.release()
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[bool]:
+        ok = await self.acquire()
+        try:
+            yield ok
+        finally:
+            if ok:
+                self.release()
+
+
+def busy_response() -> web.Response:
+    return error_response(503, "busy", "the agent is at its limit; retry later", headers={"Retry-After": "1"})
+
+
+def unauthorized_response(given: bool) -> web.Response:
+    challenge = 'Bearer realm="diskover-storage-agent"' + (', error="invalid_token"' if given else "")
+    return error_response(401, "unauthorized", "a valid bearer token is required",
+                          headers={"WWW-Authenticate": challenge})
+
+
 class Agent:
     """The state of one running agent: exports, thread pool, listing slots."""
 
@@ -122,13 +169,24 @@ class Agent:
         self.config = config
         self.exports = ExportTable(config.exports)
         self.pool = ThreadPoolExecutor(max_workers=config.maxconnections, thread_name_prefix="diskover-fs")
-        self._slots: Optional[asyncio.Semaphore] = None
+        self._token = config.token.encode() if config.token else None
+        self._slots: Optional[Slots] = None
 
     @property
-    def slots(self) -> asyncio.Semaphore:
+    def slots(self) -> Slots:
         if self._slots is None:  # made on first use, inside the running loop
-            self._slots = asyncio.Semaphore(self.config.maxconnections)
+            c = self.config
+            self._slots = Slots(c.maxconnections, c.max_queue or 0, c.max_wait)
         return self._slots
+
+    def authorized(self, request: web.BaseRequest) -> Optional[web.Response]:
+        """None when the request may proceed, else the 401 answer."""
+        if self._token is None:
+            return None
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token)
+        return None if ok else unauthorized_response(bool(header))
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking file-system call in the agent's pool."""
@@ -144,6 +202,9 @@ class Agent:
             return error_response(500, "internal", "internal error, see the agent's log")
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        denied = self.authorized(request)
+        if denied is not None:
+            return denied
         try:
             path, params = parse_target(request.raw_path)
             parts = split_path(path)
@@ -162,7 +223,9 @@ class Agent:
             return error_response(
                 403, "not_exported", "Not inside an export of this agent", num=errno.EACCES, path=path
             )
-        async with self.slots:
+        async with self.slots.hold() as ok:
+            if not ok:
+                return busy_response()
             try:
                 fd = await self.run(self.exports.open_beneath, found[0], found[1], path)
             except OSError as exc:
@@ -209,7 +272,9 @@ class Agent:
         problem = validate(req)
         if problem:
             return error_response(400, "bad_request", problem)
-        async with self.slots:
+        async with self.slots.hold() as ok:
+            if not ok:
+                return busy_response()
             return await self._stream(request, SubtreeWalk(self.exports, req, fmt), fmt, None)
 
     async def _stream(
@@ -275,9 +340,10 @@ def _locked(lock: threading.Lock, fn: Callable[[], T]) -> T:
         return fn()
 
 
-def _url(sockname: Any) -> str:
+def _url(sockname: Any, tls: bool) -> str:
     host, port = sockname[0], sockname[1]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 async def serve(config: AgentConfig, ready: Optional[Callable[[list[str]], None]] = None) -> None:
@@ -289,14 +355,22 @@ async def serve(config: AgentConfig, ready: Optional[Callable[[list[str]], None]
         agent.handle, access_log=log if config.verbose >= 1 else None, access_log_format='%a "%r" %s %b %Tf'
     )
     runner = web.ServerRunner(server, shutdown_timeout=config.shutdown_timeout)
+    ssl_context = tls_context(config)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.listen, config.port, reuse_address=True, backlog=1024)
+        site = web.TCPSite(
+            runner, config.listen, config.port, reuse_address=True, backlog=1024, ssl_context=ssl_context
+        )
         await site.start()
-        urls = [_url(addr) for addr in runner.addresses]
+        urls = [_url(addr, ssl_context is not None) for addr in runner.addresses]
         for export in config.exports:
             log.info("exporting %s as %s", os.fsdecode(export.local), os.fsdecode(export.remote))
         log.info("diskover-storage-agent %s listening on %s", __version__, " ".join(urls))
+        if config.token is None:
+            log.warning("no --token-file: any client that can reach %s can list the exports", " ".join(urls))
+        if ssl_context is None:
+            log.warning("no --tls-cert: listings%s travel unencrypted",
+                        " and the token" if config.token else "")
         if ready is not None:
             ready(urls)
         stop = asyncio.Event()
