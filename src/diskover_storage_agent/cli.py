@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import resource
 import sys
-from typing import Optional
+from typing import Any, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 from . import __version__
 from .config import (
@@ -22,6 +26,7 @@ from .config import (
     read_token_file,
     tls_context,
 )
+from .observability import setup_logging
 from .server import serve
 
 
@@ -31,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve directory listings of this storage node over HTTP.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--config", metavar="FILE",
+                   help="read options from this TOML file (keys are the long option names; "
+                        "the command line wins)")
     p.add_argument("-l", "--listen", default=DEFAULT_LISTEN,
                    help=f"IP address to listen on, IPv4 or IPv6 (default: {DEFAULT_LISTEN})")
     p.add_argument("-p", "--port", type=int, default=DEFAULT_PORT,
@@ -39,11 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most listings served at once; more wait in line "
                         f"(default: {DEFAULT_MAXCONNECTIONS})")
     p.add_argument("-r", "--replacepath", nargs=2, action="append", metavar=("REMOTE", "LOCAL"),
-                   required=True,
                    help="export LOCAL directory as REMOTE path, e.g. -r /mnt/isilon /ifs/data "
-                        "(repeat for more exports)")
+                        "(repeat for more exports; required, here or in --config)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more output: -v logs every request, -vv debug")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="log lines as plain text (default) or JSON objects, one per line")
     sec = p.add_argument_group("security")
     sec.add_argument("--token-file", metavar="FILE",
                      help=f"require 'Authorization: Bearer TOKEN' with the token in FILE "
@@ -53,13 +62,59 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Options from the command line over those of ``--config``."""
+    parser = build_parser()
+    pre, _ = _pre_parser().parse_known_args(argv)
+    if pre.config:
+        try:
+            parser.set_defaults(**load_config_file(pre.config, parser))
+        except ConfigError as exc:
+            parser.error(str(exc))
+    args = parser.parse_args(argv)
+    if not args.replacepath:
+        parser.error("the following arguments are required: -r/--replacepath (or replacepath in --config)")
+    return args
+
+
+def _pre_parser() -> argparse.ArgumentParser:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    return pre
+
+
+def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Option defaults from a TOML file whose keys are the long option names."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--config {path}: {exc}") from None
+    known = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "version", "config")}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dest = key.replace("-", "_")
+        action = known.get(dest)
+        if action is None:
+            raise ConfigError(f"--config {path}: unknown option {key!r}")
+        if dest == "replacepath":
+            if not (isinstance(value, list) and all(
+                    isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in value)):
+                raise ConfigError(f"--config {path}: replacepath must be a list of [REMOTE, LOCAL] pairs")
+        elif dest in ("port", "maxconnections", "verbose"):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"--config {path}: {key} must be an integer")
+        elif not isinstance(value, str):
+            raise ConfigError(f"--config {path}: {key} must be a string")
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(f"--config {path}: {key} must be one of {', '.join(action.choices)}")
+        out[dest] = value
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose >= 2 else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    args = parse_args(argv)
+    setup_logging(args.verbose, args.log_format)
     try:
         token = read_token_file(args.token_file) if args.token_file else os.environ.get(TOKEN_ENV) or None
         config = AgentConfig(

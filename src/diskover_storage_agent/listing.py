@@ -44,6 +44,9 @@ class Reader(Protocol):
 
     done: bool
     headers: dict[str, str]
+    #: Entries and directories produced so far (for the access log and metrics).
+    entries: int
+    directories: int
 
     def read(self) -> bytes: ...
 
@@ -135,6 +138,8 @@ class Listing:
         self.fmt = fmt
         self.want_stat = want_stat
         self.done = False
+        self.entries = 0
+        self.directories = 1
         self._it = os.scandir(fd)
         self._started = False
 
@@ -144,6 +149,7 @@ class Listing:
             parts.append(encode_frame(("dir", self.remote), self.fmt))
             self._started = True
         entries = read_entries(self._it, self.fd, self.want_stat, CHUNK)
+        self.entries += len(entries)
         if entries:
             parts.append(encode_frame(("entries", entries), self.fmt))
         if len(entries) < CHUNK:
@@ -176,6 +182,8 @@ class TextListing:
         self.fd = fd
         self.remote = remote
         self.done = False
+        self.entries = 0
+        self.directories = 1
         self._it = os.scandir(fd)
         self._runs: list[IO[bytes]] = []
         self._lines: Optional[Iterator[bytes]] = None
@@ -183,7 +191,9 @@ class TextListing:
     def read(self) -> bytes:
         if self._lines is None:
             self._lines = self._sorted_lines()
-        chunk = b"".join(islice(self._lines, CHUNK))
+        lines = list(islice(self._lines, CHUNK))
+        self.entries += len(lines)
+        chunk = b"".join(lines)
         if not chunk:
             self.done = True
         return chunk
@@ -251,6 +261,14 @@ class GzipReader:
         self.inner = inner
         self.done = False
         self._z = zlib.compressobj(1, zlib.DEFLATED, 31)
+
+    @property
+    def entries(self) -> int:
+        return self.inner.entries
+
+    @property
+    def directories(self) -> int:
+        return self.inner.directories
 
     def read(self) -> bytes:
         return self._pack(self.inner.read())

@@ -40,6 +40,7 @@ from . import __version__
 from .config import AgentConfig, tls_context
 from .exports import CONTROL_PREFIX, BadPath, ExportTable, OutsideExport, split_path
 from .listing import GzipReader, Listing, Reader, TextListing, accepts_gzip
+from .observability import METRICS_TYPE, Metrics, RequestRecord
 from .subtree import SubtreeWalk, decode_request, validate
 
 log = logging.getLogger("diskover_storage_agent")
@@ -66,10 +67,12 @@ def error_response(
         error=code, message=message, errno=num,
         path=path.decode("utf-8", "backslashreplace") if path is not None else None,
     )
-    return web.Response(
+    resp = web.Response(
         status=status, body=encode_error(body), content_type=ERROR_TYPE,
         headers={PROTOCOL_HEADER: str(VERSION), **(headers or {})},
     )
+    resp["error"] = code  # for the metrics
+    return resp
 
 
 def os_error_response(exc: OSError, path: bytes) -> web.Response:
@@ -171,6 +174,7 @@ class Agent:
         self.pool = ThreadPoolExecutor(max_workers=config.maxconnections, thread_name_prefix="diskover-fs")
         self._token = config.token.encode() if config.token else None
         self._slots: Optional[Slots] = None
+        self.metrics = Metrics()
 
     @property
     def slots(self) -> Slots:
@@ -193,23 +197,36 @@ class Agent:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        record = request["record"] = RequestRecord()
+        status = 500
         try:
-            return await self._handle(request)
+            resp = await self._handle(request)
+            status = resp.status
+            record.error = resp.get("error")
+            return resp
         except (asyncio.CancelledError, ConnectionError):
+            status = 499  # the client went away (nginx's code for it)
             raise
         except Exception:  # a bug: log it here, answer without details
             log.exception("internal error on %s %r", request.method, request.raw_path)
+            record.error = "internal"
             return error_response(500, "internal", "internal error, see the agent's log")
+        finally:
+            record.finish(self.metrics, request.remote, request.method, request.raw_path, status)
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        denied = self.authorized(request)
-        if denied is not None:
-            return denied
+        record: RequestRecord = request["record"]
         try:
             path, params = parse_target(request.raw_path)
             parts = split_path(path)
         except (BadRequest, BadPath) as exc:
-            return error_response(400, "bad_request", str(exc))
+            return self.authorized(request) or error_response(400, "bad_request", str(exc))
+        if parts == (CONTROL_PREFIX, b"health"):
+            record.endpoint = "health"
+            return self._health(request)
+        denied = self.authorized(request)
+        if denied is not None:
+            return denied
         if parts[:1] == (CONTROL_PREFIX,):
             return await self._control(request, parts[1:], params)
         if request.method not in ("GET", "HEAD"):
@@ -244,15 +261,27 @@ class Agent:
         self, request: web.BaseRequest, parts: tuple[bytes, ...], params: dict[str, str]
     ) -> web.StreamResponse:
         """The agent's own endpoints, under ``/_agent/``: never an exported path."""
-        if parts == (b"v1", b"info"):
-            if request.method not in ("GET", "HEAD"):
-                return _method_not_allowed(request, "GET, HEAD")
-            return web.Response(body=encode_info(self.config), content_type=ERROR_TYPE, headers=_HEADERS)
+        record: RequestRecord = request["record"]
         if parts == (b"v1", b"walk"):
+            record.endpoint = "walk"
             if request.method != "POST":
                 return _method_not_allowed(request, "POST")
             return await self._walk(request, params)
+        if parts in ((b"v1", b"info"), (b"metrics",)):
+            record.endpoint = parts[-1].decode()
+            if request.method not in ("GET", "HEAD"):
+                return _method_not_allowed(request, "GET, HEAD")
+            if parts == (b"metrics",):
+                return web.Response(body=self.metrics.render(), headers={**_HEADERS, "Content-Type": METRICS_TYPE})
+            return web.Response(body=encode_info(self.config), content_type=ERROR_TYPE, headers=_HEADERS)
+        record.endpoint = "unknown"
         return error_response(404, "unknown_endpoint", "no such agent endpoint")
+
+    def _health(self, request: web.BaseRequest) -> web.Response:
+        """Liveness for load balancers and service managers: no token needed, nothing revealed."""
+        if request.method not in ("GET", "HEAD"):
+            return _method_not_allowed(request, "GET, HEAD")
+        return web.Response(body=b'{"status":"ok"}', content_type=ERROR_TYPE, headers=_HEADERS)
 
     async def _walk(self, request: web.BaseRequest, params: dict[str, str]) -> web.StreamResponse:
         try:
@@ -282,14 +311,17 @@ class Agent:
     ) -> web.StreamResponse:
         """Send what ``reader`` produces: in one piece when it fits one chunk, else streamed."""
         guard = threading.Lock()
+        record: RequestRecord = request["record"]
         if accepts_gzip(request.headers.get("Accept-Encoding", "")):
             reader = GzipReader(reader)
+        self.metrics.in_flight.inc()
         try:
             try:
                 chunk = await self.run(_locked, guard, reader.read)
             except OSError as exc:
                 return os_error_response(exc, path or b"")
             headers = {**_HEADERS, "Content-Type": _CONTENT_TYPES[fmt], **reader.headers}
+            record.bytes += len(chunk)
             if reader.done:
                 return web.Response(body=chunk, headers=headers)
             resp = web.StreamResponse(headers=headers)
@@ -306,10 +338,13 @@ class Agent:
                         if request.transport is not None:
                             request.transport.abort()
                         return resp
+                record.bytes += len(chunk)
                 await resp.write(chunk)
             await resp.write_eof()
             return resp
         finally:
+            self.metrics.in_flight.dec()
+            record.entries, record.directories = reader.entries, reader.directories
             # Never block the loop on a close, nor race a read still running in the pool.
             self.pool.submit(_locked, guard, reader.close)
 
@@ -351,9 +386,8 @@ async def serve(config: AgentConfig, ready: Optional[Callable[[list[str]], None]
     agent = Agent(config)
     # aiohttp's low-level server: no router, so that any path (newlines, invalid
     # UTF-8...) reaches the handler as the raw bytes the client sent.
-    server = web.Server(
-        agent.handle, access_log=log if config.verbose >= 1 else None, access_log_format='%a "%r" %s %b %Tf'
-    )
+    server = web.Server(agent.handle, access_log=None)
+    agent.metrics.watch(lambda: len(server.connections), lambda: agent.slots.waiting)
     runner = web.ServerRunner(server, shutdown_timeout=config.shutdown_timeout)
     ssl_context = tls_context(config)
     await runner.setup()

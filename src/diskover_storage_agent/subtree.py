@@ -62,7 +62,7 @@ class SubtreeWalk:
         self.fmt = fmt
         self.done = False
         self.entries = 0
-        self.dirs = 0
+        self.directories = 0
         self._frames = self._walk()
         self._stack: list[tuple[int, bytes, list[bytes]]] = []
 
@@ -129,7 +129,7 @@ class SubtreeWalk:
         yield self._encode(("end", frontier))
 
     def _spent(self, deadline: float) -> bool:
-        return self.dirs > 0 and (self.entries >= self.req.max_entries or time.monotonic() >= deadline)
+        return self.directories > 0 and (self.entries >= self.req.max_entries or time.monotonic() >= deadline)
 
     def _open_root(self, path: bytes) -> int:
         parts = split_path(path)
@@ -140,7 +140,7 @@ class SubtreeWalk:
 
     def _list(self, fd: int, path: bytes) -> Iterator[bytes]:
         """Stream one directory (owning ``fd``); its subdirectories go on the stack."""
-        self.dirs += 1
+        self.directories += 1
         subdirs: list[bytes] = []
         pushed = False
         try:

@@ -1,0 +1,113 @@
+"""What the agent tells its operators: Prometheus metrics, access log lines, log format."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Optional
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+access_log = logging.getLogger("diskover_storage_agent.access")
+
+METRICS_TYPE = CONTENT_TYPE_LATEST
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """The agent's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self) -> None:
+        disable_created_metrics()  # no *_created series: node_exporter style
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("diskover_agent_requests", "Requests answered, by endpoint and HTTP status",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("diskover_agent_request_duration_seconds",
+                                 "Seconds from request to the last byte of the answer, by endpoint",
+                                 ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.entries = Counter("diskover_agent_entries", "Directory entries served", registry=r)
+        self.directories = Counter("diskover_agent_directories", "Directories listed", registry=r)
+        self.bytes_sent = Counter("diskover_agent_response_bytes", "Bytes of answer bodies sent", registry=r)
+        self.errors = Counter("diskover_agent_errors", "Failed requests and directories, by error code",
+                              ["error"], registry=r)
+        self.connections = Gauge("diskover_agent_open_connections", "Client connections open", registry=r)
+        self.in_flight = Gauge("diskover_agent_requests_in_flight", "Listings and walks being answered",
+                               registry=r)
+        self.waiting = Gauge("diskover_agent_requests_waiting", "Requests waiting for a listing slot", registry=r)
+
+    def watch(self, connections: Callable[[], float], waiting: Callable[[], float]) -> None:
+        """Gauges read when scraped."""
+        self.connections.set_function(connections)
+        self.waiting.set_function(waiting)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestRecord:
+    """What one request did, filled in as it is answered; logged and counted at the end."""
+
+    __slots__ = ("bytes", "directories", "endpoint", "entries", "error", "start")
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.endpoint = "listing"
+        self.entries = 0
+        self.directories = 0
+        self.bytes = 0
+        self.error: Optional[str] = None
+
+    def finish(self, metrics: Metrics, client: Optional[str], method: str, target: str, status: int) -> None:
+        seconds = time.perf_counter() - self.start
+        metrics.requests.labels(self.endpoint, str(status)).inc()
+        if self.endpoint in ("listing", "walk"):
+            metrics.latency.labels(self.endpoint).observe(seconds)
+        metrics.entries.inc(self.entries)
+        metrics.directories.inc(self.directories)
+        metrics.bytes_sent.inc(self.bytes)
+        if self.error is not None:
+            metrics.errors.labels(self.error).inc()
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                '%s "%s %s" %d entries=%d bytes=%d %.3fs', client or "-", method, target, status,
+                self.entries, self.bytes, seconds,
+                extra={"access": {"client": client, "method": method, "path": target, "status": status,
+                                  "entries": self.entries, "directories": self.directories,
+                                  "bytes": self.bytes, "seconds": round(seconds, 6)}},
+            )
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line; access lines carry their fields as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        access = getattr(record, "access", None)
+        if access is not None:
+            out.update(access)
+        else:
+            out["message"] = record.getMessage()
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return msgspec.json.encode(out).decode()
+
+
+def setup_logging(verbose: int, fmt: str) -> None:
+    """Log to stderr: warnings and start/stop lines; ``-v`` adds access lines, ``-vv`` debug."""
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
+    access_log.setLevel(logging.INFO if verbose >= 1 else logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
