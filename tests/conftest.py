@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -44,8 +45,9 @@ class Agent:
             for raw in self.proc.stderr:
                 line = raw.decode("utf-8", "replace")
                 self.log.append(line)
-                if " listening on " in line and not ready.is_set():
-                    self.url = line.rsplit(" listening on ", 1)[1].split()[0]
+                found = re.search(r" listening on (https?://[^\s\"]+)", line)
+                if found and not ready.is_set():
+                    self.url = found.group(1)
                     ready.set()
             ready.set()
 

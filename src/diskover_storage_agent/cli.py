@@ -66,12 +66,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Options from the command line over those of ``--config``."""
     parser = build_parser()
     pre, _ = _pre_parser().parse_known_args(argv)
+    from_file: dict[str, Any] = {}
     if pre.config:
         try:
-            parser.set_defaults(**load_config_file(pre.config, parser))
+            from_file = load_config_file(pre.config, parser)
         except ConfigError as exc:
             parser.error(str(exc))
+    # -r on the command line replaces the file's exports (argparse would append to them).
+    exports = from_file.pop("replacepath", None)
+    parser.set_defaults(**from_file)
     args = parser.parse_args(argv)
+    args.replacepath = args.replacepath or exports
     if not args.replacepath:
         parser.error("the following arguments are required: -r/--replacepath (or replacepath in --config)")
     return args
