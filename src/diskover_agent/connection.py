@@ -112,6 +112,22 @@ class AgentConnection:
         decode = (lambda b: b) if isinstance(path, bytes) else os.fsdecode
         return iter([AgentDirEntry(path, decode(e.name), e) for e in listing.entries])
 
+    def statvfs(self, path: AnyStr) -> dict[str, int]:
+        """The sizes of the file system holding a remote directory: ``os.statvfs``'s
+        fields (``f_frsize``, ``f_blocks``...) and ``total``, ``free``, ``available`` bytes."""
+        raw = fsencode_path(path)
+        errors = []
+        for _ in range(len(self._addresses)):
+            if self._http is None:
+                self.connect()
+            assert self._http is not None
+            try:
+                return self._http.statvfs(raw, path)
+            except TRANSIENT_ERRORS as exc:
+                errors.append(f"{self._http.address.label}: {exc}")
+                self.close()
+        raise AgentConnectionError("no agent could answer: " + "; ".join(errors))
+
     def _list(self, path: AnyStr, want_stat: bool) -> RemoteListing:
         raw = fsencode_path(path)
         errors = []

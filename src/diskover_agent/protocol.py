@@ -4,8 +4,9 @@ A structured answer is a stream of *frames*. On the ``msgpack`` format each fram
 a 4-byte big-endian length followed by one MessagePack array; on the ``ndjson`` format
 each frame is one JSON array on its own line. The first element names the frame:
 
-``["dir", path]``
-    A directory listing starts; ``path`` is its remote path.
+``["dir", path, stat]``
+    A directory listing starts; ``path`` is its remote path, ``stat`` the directory's
+    own stat record when stat was asked for (else ``null``).
 ``["entries", [[name, kind, target, stat, target_stat], ...]]``
     Entries of the current directory (several frames for a big directory).
 ``["error", errno, code, message]``
@@ -26,9 +27,11 @@ from __future__ import annotations
 
 import base64
 import errno
+import os
 import stat as _stat
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
@@ -114,7 +117,7 @@ def encode_frame(frame: Sequence[Any], fmt: str) -> bytes:
         return _pack_len(len(body)) + body
     tag = frame[0]
     if tag == "dir":
-        frame = ("dir", _json_name(frame[1]))
+        frame = ("dir", _json_name(frame[1]), *frame[2:])
     elif tag == "entries":
         frame = ("entries", [(_json_name(e[0]), *e[1:]) for e in frame[1]])
     elif tag == "end":
@@ -137,6 +140,7 @@ class Entry(msgspec.Struct, array_like=True, frozen=True):
 
 class DirFrame(msgspec.Struct, tag="dir", array_like=True):
     path: bytes
+    stat: Optional[StatFields] = None
 
 
 class EntriesFrame(msgspec.Struct, tag="entries", array_like=True):
@@ -190,12 +194,16 @@ def read_frames(read: Callable[[int], bytes]) -> Iterator[Frame]:
 # -- the subtree walk request ---------------------------------------------------------
 
 class WalkRequest(msgspec.Struct, forbid_unknown_fields=True):
-    """The body of ``POST /_agent/v1/walk``: walk below ``paths`` within a budget."""
+    """The body of ``POST /_agent/v1/walk``: walk below ``paths`` within a budget,
+    leaving out what the exclusions prune (see the agent's ``filters`` module)."""
 
     paths: list[bytes]
     stat: bool = False
     max_entries: int = 10_000
     max_seconds: float = 1.0
+    exclude_dirs: list[bytes] = []
+    exclude_files: list[bytes] = []
+    one_fs: bool = False
 
 
 class _B64(msgspec.Struct, forbid_unknown_fields=True):
@@ -207,17 +215,55 @@ class _JSONWalkRequest(msgspec.Struct, forbid_unknown_fields=True):
     stat: bool = False
     max_entries: int = 10_000
     max_seconds: float = 1.0
+    exclude_dirs: list[Union[str, _B64]] = []
+    exclude_files: list[Union[str, _B64]] = []
+    one_fs: bool = False
+
+
+def _json_bytes(items: list[Union[str, _B64]]) -> list[bytes]:
+    return [p.encode("utf-8") if isinstance(p, str) else p.b64 for p in items]
 
 
 def decode_json_walk_request(body: bytes) -> WalkRequest:
     """A walk request written in JSON: paths as text, or ``{"b64": ...}`` for other bytes."""
     req = msgspec.json.decode(body, type=_JSONWalkRequest)
-    paths = [p.encode("utf-8", "surrogateescape") if isinstance(p, str) else p.b64 for p in req.paths]
-    return WalkRequest(paths, req.stat, req.max_entries, req.max_seconds)
+    return WalkRequest(
+        _json_bytes(req.paths), req.stat, req.max_entries, req.max_seconds,
+        _json_bytes(req.exclude_dirs), _json_bytes(req.exclude_files), req.one_fs,
+    )
 
 
 def encode_walk_request(req: WalkRequest) -> bytes:
     return _msgpack_encode(req)
+
+
+@dataclass(frozen=True)
+class Exclusions:
+    """What a walk prunes at the agent: directory and file patterns, other file systems.
+
+    Patterns are ``fnmatch`` patterns on names, or on whole remote paths when they
+    hold a ``/``. Given as text or bytes.
+    """
+
+    dirs: tuple[bytes, ...] = ()
+    files: tuple[bytes, ...] = ()
+    one_fs: bool = False
+
+    @classmethod
+    def of(cls, dirs: Iterable[Union[str, bytes]] = (), files: Iterable[Union[str, bytes]] = (),
+           one_fs: bool = False) -> Exclusions:
+        return cls(tuple(map(os.fsencode, dirs)), tuple(map(os.fsencode, files)), one_fs)
+
+    def __bool__(self) -> bool:
+        return bool(self.dirs or self.files or self.one_fs)
+
+    def query(self) -> str:
+        """The query-string form for a listing request (with a leading ``&``)."""
+        parts = [f"&exclude_dir={quote_from_bytes(p, safe='')}" for p in self.dirs]
+        parts += [f"&exclude_file={quote_from_bytes(p, safe='')}" for p in self.files]
+        if self.one_fs:
+            parts.append("&one_fs=1")
+        return "".join(parts)
 
 
 # -- error bodies ------------------------------------------------------------------

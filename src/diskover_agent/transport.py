@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Optional
 
+import msgspec
+
 from .errors import AgentBusyError, AgentError, AgentHTTPError, AgentProtocolError
 from .protocol import (
     MSGPACK_TYPE,
@@ -26,8 +28,10 @@ from .protocol import (
     EntriesFrame,
     Entry,
     ErrorFrame,
+    Exclusions,
     Frame,
     ProtocolError,
+    StatFields,
     WalkRequest,
     decode_error,
     encode_walk_request,
@@ -41,6 +45,7 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 #: The bearer token, when none is given in code.
 TOKEN_ENV = "DISKOVER_AGENT_TOKEN"
 WALK_PATH = "/_agent/v1/walk"
+STATVFS_PATH = "/_agent/v1/statvfs"
 #: Errors that mean "this host, this time": retry elsewhere or later.
 TRANSIENT_ERRORS = (OSError, http.client.HTTPException, ProtocolError, AgentProtocolError, AgentBusyError)
 
@@ -85,6 +90,8 @@ class RemoteListing:
     path: bytes
     entries: list[Entry]
     error: Optional[OSError] = None
+    #: The directory's own stat record, when stat was asked for.
+    stat: Optional[StatFields] = None
 
 
 class ClientOptions:
@@ -168,10 +175,13 @@ class AgentHTTP:
             except OSError:
                 pass
 
-    def listdir(self, path: bytes, want_stat: bool, filename: object) -> RemoteListing:
+    def listdir(self, path: bytes, want_stat: bool, filename: object,
+                exclusions: Optional[Exclusions] = None) -> RemoteListing:
         """List one remote directory. File-system errors come back in ``error``
         (with ``filename`` set); transport errors raise."""
         target = quote_path(path) + ("?format=msgpack&stat=1" if want_stat else "?format=msgpack")
+        if exclusions:
+            target += exclusions.query()
         try:
             resp = self._request("GET", target)
             if resp.status != 200:
@@ -180,6 +190,23 @@ class AgentHTTP:
             result = _collect(path, read_frames(_body_reader(resp)), filename)
             self._finish(resp)
             return result
+        except BaseException:
+            self.close()
+            raise
+
+    def statvfs(self, path: bytes, filename: object) -> dict[str, int]:
+        """The sizes of the file system holding a remote path (``os.statvfs`` fields
+        and ``total``/``free``/``available`` bytes)."""
+        try:
+            resp = self._request("GET", STATVFS_PATH + quote_path(path))
+            if resp.status != 200:
+                raise self._error(resp, filename)
+            data = msgspec.json.decode(resp.read(65536), type=dict[str, int])
+            self._finish(resp)
+            return data
+        except msgspec.DecodeError as exc:
+            self.close()
+            raise AgentProtocolError(f"bad statvfs answer: {exc}") from None
         except BaseException:
             self.close()
             raise
@@ -277,6 +304,7 @@ def _collect(path: bytes, frames, filename: object) -> RemoteListing:
     entries: list[Entry] = []
     error: Optional[OSError] = None
     seen_dir = False
+    stat = None
     for frame in frames:
         if isinstance(frame, EntriesFrame):
             entries.extend(frame.entries)
@@ -284,12 +312,13 @@ def _collect(path: bytes, frames, filename: object) -> RemoteListing:
             if seen_dir:
                 raise AgentProtocolError("several directories in a single listing")
             seen_dir = True
+            stat = frame.stat
         elif isinstance(frame, ErrorFrame):
             error = OSError(frame.errno, frame.message, filename)
         elif isinstance(frame, EndFrame):
             if not seen_dir:
                 raise AgentProtocolError("listing without a directory")
-            return RemoteListing(path, [] if error else entries, error)
+            return RemoteListing(path, [] if error else entries, error, stat)
     raise AgentProtocolError("listing ended before its end frame")
 
 

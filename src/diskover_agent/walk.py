@@ -16,13 +16,23 @@ import collections
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, AnyStr, Optional, Union
 
 from .connection import is_walk_dir, parse_hosts
 from .entry import AgentDirEntry
 from .errors import AgentBusyError, AgentConnectionError, AgentProtocolError
-from .protocol import KIND_DIR, KIND_SYMLINK, DirFrame, EndFrame, EntriesFrame, Entry, ErrorFrame, WalkRequest
+from .protocol import (
+    KIND_DIR,
+    KIND_SYMLINK,
+    DirFrame,
+    EndFrame,
+    EntriesFrame,
+    Entry,
+    ErrorFrame,
+    Exclusions,
+    WalkRequest,
+)
 from .transport import (
     DEFAULT_PORT,
     TRANSIENT_ERRORS,
@@ -119,6 +129,9 @@ class Walker:
         mode: str = "auto",
         retry_for: float = DEFAULT_RETRY_FOR,
         max_budget: int = MAX_BUDGET,
+        exclude_dirs: Iterable[Union[str, bytes]] = (),
+        exclude_files: Iterable[Union[str, bytes]] = (),
+        one_fs: bool = False,
         **options: Any,
     ) -> None:
         if workers < 1:
@@ -131,6 +144,7 @@ class Walker:
         self.stat = stat
         self.mode = mode
         self.options = ClientOptions(**options)
+        self.exclusions = Exclusions.of(exclude_dirs, exclude_files, one_fs)
         self.retry_for = retry_for
         self.max_budget = max_budget
         self._budget = min(FIRST_BUDGET, max_budget)
@@ -306,7 +320,7 @@ class Walker:
                 done = self._serve_subtree(conn, batch, pending)
             else:
                 (path,) = batch
-                listing = conn.listdir(path, self.stat, self._filename(path))
+                listing = conn.listdir(path, self.stat, self._filename(path), self.exclusions)
                 self._complete(path, listing.entries, listing.error, pending)
                 done = 1
         except SubtreeUnsupported:
@@ -325,7 +339,11 @@ class Walker:
         self.hosts.succeeded(idx, done)
 
     def _serve_subtree(self, conn: AgentHTTP, batch: list[bytes], pending: dict[bytes, None]) -> int:
-        req = WalkRequest(paths=batch, stat=self.stat, max_entries=self._budget, max_seconds=MAX_SECONDS)
+        ex = self.exclusions
+        req = WalkRequest(
+            paths=batch, stat=self.stat, max_entries=self._budget, max_seconds=MAX_SECONDS,
+            exclude_dirs=list(ex.dirs), exclude_files=list(ex.files), one_fs=ex.one_fs,
+        )
         current: Optional[bytes] = None
         entries: list[Entry] = []
         error: Optional[OSError] = None
@@ -409,7 +427,8 @@ def parallel_walk(
     ``onerror`` (an ``OSError`` with ``filename`` set), as with ``os.walk``;
     :class:`AgentConnectionError` is raised when no agent answers for ``retry_for``
     seconds. Leaving the loop early stops every thread and socket. ``options`` are
-    :class:`Walker`'s (``mode``, ``retry_for``) and
+    :class:`Walker`'s (``mode``, ``retry_for``, ``exclude_dirs``, ``exclude_files``,
+    ``one_fs``: pruning applied by the agents, which never read what it prunes) and
     :class:`~diskover_agent.transport.ClientOptions`' (``timeout``, ``connect_timeout``,
     ``token``, ``tls``, ``cafile``, ``verify``, ``compress``).
     """

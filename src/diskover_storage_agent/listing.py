@@ -28,6 +28,8 @@ from diskover_agent.protocol import (
     stat_fields,
 )
 
+from .filters import Filter
+
 #: Entries per chunk (and per ``entries`` frame).
 CHUNK = 1000
 #: Names the text format sorts in memory before it spills a sorted run to disk.
@@ -122,6 +124,11 @@ def read_entries(
     return out
 
 
+def dir_stat(fd: int, want_stat: bool) -> Optional[tuple]:
+    """The stat record of an open directory, when asked for."""
+    return stat_fields(os.fstat(fd)) if want_stat else None
+
+
 class Listing:
     """A structured (``msgpack``/``ndjson``) listing of one open directory.
 
@@ -132,11 +139,12 @@ class Listing:
 
     headers: dict[str, str] = {}
 
-    def __init__(self, fd: int, remote: bytes, fmt: str, want_stat: bool) -> None:
+    def __init__(self, fd: int, remote: bytes, fmt: str, want_stat: bool, filter: Optional[Filter] = None) -> None:
         self.fd = fd
         self.remote = remote
         self.fmt = fmt
         self.want_stat = want_stat
+        self.filter = filter
         self.done = False
         self.entries = 0
         self.directories = 1
@@ -146,13 +154,16 @@ class Listing:
     def read(self) -> bytes:
         parts = []
         if not self._started:
-            parts.append(encode_frame(("dir", self.remote), self.fmt))
+            parts.append(encode_frame(("dir", self.remote, dir_stat(self.fd, self.want_stat)), self.fmt))
             self._started = True
         entries = read_entries(self._it, self.fd, self.want_stat, CHUNK)
+        read = len(entries)
+        if self.filter is not None:
+            entries = self.filter.apply(entries, self.remote, self.fd)
         self.entries += len(entries)
         if entries:
             parts.append(encode_frame(("entries", entries), self.fmt))
-        if len(entries) < CHUNK:
+        if read < CHUNK:
             parts.append(encode_frame(("end", []), self.fmt))
             self.done = True
         return b"".join(parts)

@@ -39,6 +39,7 @@ from diskover_agent.protocol import (
 from . import __version__
 from .config import AgentConfig, tls_context
 from .exports import CONTROL_PREFIX, BadPath, ExportTable, OutsideExport, split_path
+from .filters import MAX_PATTERNS, Filter
 from .listing import GzipReader, Listing, Reader, TextListing, accepts_gzip
 from .observability import METRICS_TYPE, Metrics, RequestRecord
 from .subtree import SubtreeWalk, decode_request, validate
@@ -50,7 +51,7 @@ _CONTENT_TYPES = {"text": TEXT_TYPE, "msgpack": MSGPACK_TYPE, "ndjson": NDJSON_T
 _NOT_FOUND = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG}
 _FORBIDDEN = {errno.EACCES, errno.EPERM}
 _BOOL = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
-_MAX_QUERY_FIELDS = 16
+_MAX_QUERY_FIELDS = 2 * MAX_PATTERNS + 8
 _HEADERS = {PROTOCOL_HEADER: str(VERSION)}
 
 
@@ -83,41 +84,70 @@ def os_error_response(exc: OSError, path: bytes) -> web.Response:
     return error_response(status, errno_name(num), exc.strerror or os.strerror(num), num=num, path=path)
 
 
-def parse_target(raw: str) -> tuple[bytes, dict[str, str]]:
-    """The remote path (bytes) and query parameters of a request target."""
+def parse_target(raw: str) -> tuple[bytes, dict[str, list[str]]]:
+    """The remote path (bytes) and query parameters of a request target.
+
+    Values are text in which bytes that are not UTF-8 are surrogate-escaped, so that
+    ``value.encode("utf-8", "surrogateescape")`` gives back the exact bytes sent.
+    """
     target, _, query = raw.partition("?")
     path = unquote_path(target)
     try:
-        params = parse_qsl(query, keep_blank_values=True, max_num_fields=_MAX_QUERY_FIELDS)
+        pairs = parse_qsl(query, keep_blank_values=True, max_num_fields=_MAX_QUERY_FIELDS, errors="surrogateescape")
     except ValueError as exc:
         raise BadRequest(f"bad query string: {exc}") from None
-    out: dict[str, str] = {}
-    for key, value in params:
-        if key in out:
-            raise BadRequest(f"query parameter {key!r} given twice")
-        out[key] = value
+    out: dict[str, list[str]] = {}
+    for key, value in pairs:
+        out.setdefault(key, []).append(value)
     return path, out
+
+
+def single(params: dict[str, list[str]], key: str, default: str) -> str:
+    """The one value of a query parameter that may not repeat."""
+    values = params.pop(key, None)
+    if values is None:
+        return default
+    if len(values) > 1:
+        raise BadRequest(f"query parameter {key!r} given twice")
+    return values[0]
+
+
+def flag(params: dict[str, list[str]], key: str) -> bool:
+    value = single(params, key, "0").lower()
+    if value not in _BOOL:
+        raise BadRequest(f"{key} must be 0 or 1")
+    return _BOOL[value]
+
+
+def no_more(params: dict[str, list[str]]) -> None:
+    if params:
+        raise BadRequest(f"unknown query parameter {sorted(params)[0]!r}")
 
 
 class ListingRequest:
     """What one listing request asks for, validated."""
 
-    __slots__ = ("fmt", "parts", "path", "want_stat")
+    __slots__ = ("filter", "fmt", "parts", "path", "want_stat")
 
-    def __init__(self, path: bytes, parts: tuple[bytes, ...], params: dict[str, str]) -> None:
+    def __init__(self, path: bytes, parts: tuple[bytes, ...], params: dict[str, list[str]]) -> None:
         self.path = path
         self.parts = parts
-        self.fmt = params.pop("format", "text")
+        self.fmt = single(params, "format", "text")
         if self.fmt not in FORMATS:
             raise BadRequest(f"format must be one of {', '.join(FORMATS)}")
-        stat = params.pop("stat", "0").lower()
-        if stat not in _BOOL:
-            raise BadRequest("stat must be 0 or 1")
-        self.want_stat = _BOOL[stat]
+        self.want_stat = flag(params, "stat")
         if self.want_stat and self.fmt == "text":
             raise BadRequest("stat needs format=msgpack or format=ndjson")
-        if params:
-            raise BadRequest(f"unknown query parameter {sorted(params)[0]!r}")
+        dirs = [v.encode("utf-8", "surrogateescape") for v in params.pop("exclude_dir", [])]
+        files = [v.encode("utf-8", "surrogateescape") for v in params.pop("exclude_file", [])]
+        one_fs = flag(params, "one_fs")
+        problem = Filter.check(dirs) or Filter.check(files)
+        if problem:
+            raise BadRequest(problem)
+        self.filter = Filter(dirs, files, one_fs) if dirs or files or one_fs else None
+        if self.filter is not None and self.fmt == "text":
+            raise BadRequest("exclusions need format=msgpack or format=ndjson")
+        no_more(params)
 
 
 class Slots:
@@ -258,7 +288,7 @@ class Agent:
             return await self._stream(request, lister, req.fmt, path)
 
     async def _control(
-        self, request: web.BaseRequest, parts: tuple[bytes, ...], params: dict[str, str]
+        self, request: web.BaseRequest, parts: tuple[bytes, ...], params: dict[str, list[str]]
     ) -> web.StreamResponse:
         """The agent's own endpoints, under ``/_agent/``: never an exported path."""
         record: RequestRecord = request["record"]
@@ -267,6 +297,11 @@ class Agent:
             if request.method != "POST":
                 return _method_not_allowed(request, "POST")
             return await self._walk(request, params)
+        if parts[:2] == (b"v1", b"statvfs"):
+            record.endpoint = "statvfs"
+            if request.method not in ("GET", "HEAD"):
+                return _method_not_allowed(request, "GET, HEAD")
+            return await self._statvfs(b"/" + b"/".join(parts[2:]))
         if parts in ((b"v1", b"info"), (b"metrics",)):
             record.endpoint = parts[-1].decode()
             if request.method not in ("GET", "HEAD"):
@@ -277,21 +312,36 @@ class Agent:
         record.endpoint = "unknown"
         return error_response(404, "unknown_endpoint", "no such agent endpoint")
 
+    async def _statvfs(self, path: bytes) -> web.Response:
+        """``GET /_agent/v1/statvfs/<remote path>``: the file system's sizes, for capacity reports."""
+        found = self.exports.lookup(split_path(path))
+        if found is None:
+            return error_response(
+                403, "not_exported", "Not inside an export of this agent", num=errno.EACCES, path=path
+            )
+        try:
+            st = await self.run(_statvfs, self.exports, found[0], found[1], path)
+        except OSError as exc:
+            return os_error_response(exc, path)
+        return web.Response(body=msgspec.json.encode(st), content_type=ERROR_TYPE, headers=_HEADERS)
+
     def _health(self, request: web.BaseRequest) -> web.Response:
         """Liveness for load balancers and service managers: no token needed, nothing revealed."""
         if request.method not in ("GET", "HEAD"):
             return _method_not_allowed(request, "GET, HEAD")
         return web.Response(body=b'{"status":"ok"}', content_type=ERROR_TYPE, headers=_HEADERS)
 
-    async def _walk(self, request: web.BaseRequest, params: dict[str, str]) -> web.StreamResponse:
+    async def _walk(self, request: web.BaseRequest, params: dict[str, list[str]]) -> web.StreamResponse:
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, "too_large", "walk request body too large")
         is_json = request.content_type.startswith("application/json")
-        fmt = params.pop("format", "ndjson" if is_json else "msgpack")
-        if params:
-            return error_response(400, "bad_request", f"unknown query parameter {sorted(params)[0]!r}")
+        try:
+            fmt = single(params, "format", "ndjson" if is_json else "msgpack")
+            no_more(params)
+        except BadRequest as exc:
+            return error_response(400, "bad_request", str(exc))
         if fmt not in ("msgpack", "ndjson"):
             return error_response(400, "bad_request", "format must be msgpack or ndjson")
         try:
@@ -367,7 +417,20 @@ def encode_info(config: AgentConfig) -> bytes:
 def _open_lister(fd: int, req: ListingRequest) -> Reader:
     if req.fmt == "text":
         return TextListing(fd, req.path)
-    return Listing(fd, req.path, req.fmt, req.want_stat)
+    return Listing(fd, req.path, req.fmt, req.want_stat, req.filter)
+
+
+def _statvfs(exports: ExportTable, export: Any, rel: tuple[bytes, ...], path: bytes) -> dict[str, int]:
+    fd = exports.open_beneath(export, rel, path)
+    try:
+        st = os.fstatvfs(fd)
+    finally:
+        os.close(fd)
+    fields = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail",
+              "f_flag", "f_namemax")
+    out = {f: getattr(st, f) for f in fields}
+    out.update(total=st.f_frsize * st.f_blocks, free=st.f_frsize * st.f_bfree, available=st.f_frsize * st.f_bavail)
+    return out
 
 
 def _locked(lock: threading.Lock, fn: Callable[[], T]) -> T:

@@ -17,10 +17,11 @@ from typing import Optional
 
 import msgspec
 
-from diskover_agent.protocol import WalkRequest, decode_json_walk_request, encode_frame, errno_name
+from diskover_agent.protocol import KIND_DIR, WalkRequest, decode_json_walk_request, encode_frame, errno_name
 
 from .exports import BadPath, ExportTable, OutsideExport, split_path
-from .listing import CHUNK, read_entries
+from .filters import Filter
+from .listing import CHUNK, dir_stat, read_entries
 
 _OPEN_CHILD = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Bytes of encoded frames gathered before a chunk goes out.
@@ -48,7 +49,7 @@ def validate(req: WalkRequest) -> Optional[str]:
             split_path(path)
         except BadPath as exc:
             return f"{path!r}: {exc}"
-    return None
+    return Filter.check(req.exclude_dirs) or Filter.check(req.exclude_files)
 
 
 class SubtreeWalk:
@@ -65,6 +66,10 @@ class SubtreeWalk:
         self.directories = 0
         self._frames = self._walk()
         self._stack: list[tuple[int, bytes, list[bytes]]] = []
+        self._filter = (
+            Filter(req.exclude_dirs, req.exclude_files, req.one_fs)
+            if req.exclude_dirs or req.exclude_files or req.one_fs else None
+        )
 
     def read(self) -> bytes:
         parts: list[bytes] = []
@@ -98,10 +103,10 @@ class SubtreeWalk:
         stack = self._stack
         while roots and not self._spent(deadline):
             path = roots.pop()
-            yield self._encode(("dir", path))
             try:
                 fd = self._open_root(path)
             except OSError as exc:
+                yield self._encode(("dir", path, None))
                 yield self._error(exc)
                 continue
             yield from self._list(fd, path)
@@ -115,10 +120,10 @@ class SubtreeWalk:
                     break
                 name = names.pop()
                 path = _join(parent, name)
-                yield self._encode(("dir", path))
                 try:
                     child = os.open(name, _OPEN_CHILD, dir_fd=fd)
                 except OSError as exc:
+                    yield self._encode(("dir", path, None))
                     yield self._error(OSError(exc.errno, exc.strerror))
                     continue
                 yield from self._list(child, path)
@@ -143,14 +148,23 @@ class SubtreeWalk:
         self.directories += 1
         subdirs: list[bytes] = []
         pushed = False
+        filter = self._filter
         try:
+            yield self._encode(("dir", path, dir_stat(fd, self.req.stat)))
             with os.scandir(fd) as it:
                 while True:
-                    entries = read_entries(it, fd, self.req.stat, CHUNK, subdirs)
+                    if filter is None:
+                        entries = read_entries(it, fd, self.req.stat, CHUNK, subdirs)
+                        read = len(entries)
+                    else:
+                        entries = read_entries(it, fd, self.req.stat, CHUNK)
+                        read = len(entries)
+                        entries = filter.apply(entries, path, fd)
+                        subdirs.extend(e[0] for e in entries if e[1] == KIND_DIR)
                     self.entries += len(entries)
                     if entries:
                         yield self._encode(("entries", entries))
-                    if len(entries) < CHUNK:
+                    if read < CHUNK:
                         break
         except OSError as exc:
             yield self._error(exc)
