@@ -122,10 +122,14 @@ class AgentConnection:
                 self.connect()
             assert self._http is not None
             try:
-                return self._http.statvfs(raw, path)
+                result = self._http.statvfs(raw, path)
             except TRANSIENT_ERRORS as exc:
                 errors.append(f"{self._http.address.label}: {exc}")
                 self.close()
+                continue
+            if isinstance(result, OSError):
+                raise result
+            return result
         raise AgentConnectionError("no agent could answer: " + "; ".join(errors))
 
     def _list(self, path: AnyStr, want_stat: bool) -> RemoteListing:

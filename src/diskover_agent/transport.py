@@ -15,7 +15,7 @@ import ssl
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import msgspec
 
@@ -194,13 +194,14 @@ class AgentHTTP:
             self.close()
             raise
 
-    def statvfs(self, path: bytes, filename: object) -> dict[str, int]:
+    def statvfs(self, path: bytes, filename: object) -> Union[dict[str, int], OSError]:
         """The sizes of the file system holding a remote path (``os.statvfs`` fields
-        and ``total``/``free``/``available`` bytes)."""
+        and ``total``/``free``/``available`` bytes), or the file-system error; transport
+        errors raise."""
         try:
             resp = self._request("GET", STATVFS_PATH + quote_path(path))
             if resp.status != 200:
-                raise self._error(resp, filename)
+                return self._error(resp, filename)
             data = msgspec.json.decode(resp.read(65536), type=dict[str, int])
             self._finish(resp)
             return data
@@ -221,7 +222,8 @@ class AgentHTTP:
                 self.close()
                 raise SubtreeUnsupported(f"{self.address.label} does not offer the subtree walk")
             if resp.status != 200:
-                raise self._error(resp, None)
+                error = self._error(resp, None)
+                raise AgentProtocolError(f"{self.address.label}: walk request failed: {error}")
             yield from read_frames(_body_reader(resp))
             self._finish(resp)
         except BaseException:
