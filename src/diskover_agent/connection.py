@@ -101,9 +101,12 @@ class AgentConnection:
         return self._response_time
 
     def listdir(self, path: AnyStr) -> tuple[AnyStr, list[AnyStr], list[AnyStr]]:
-        """``(path, dirs, files)`` of a remote directory, split as ``os.walk`` does."""
+        """``(path, dirs, files)`` of a remote directory, split as ``os.walk`` does,
+        each sorted by name as the original returned them."""
         listing = self._list(path, want_stat=False)
         dirs, files = split_names(path, listing.entries)
+        dirs.sort()
+        files.sort()
         return path, dirs, files
 
     def scandir(self, path: AnyStr) -> Iterator[AgentDirEntry[AnyStr]]:

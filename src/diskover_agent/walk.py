@@ -393,6 +393,10 @@ class Walker:
         return path if self._bytes else os.fsdecode(path)
 
 
+def _by_name(entry: Entry) -> bytes:
+    return entry.name
+
+
 def _typed(top: AnyStr) -> Callable[[bytes], AnyStr]:
     return (lambda b: b) if isinstance(top, bytes) else os.fsdecode  # type: ignore[return-value]
 
@@ -422,7 +426,8 @@ def parallel_walk(
     """Walk a remote tree like ``os.walk(top)`` (top-down, symlinks not followed).
 
     Directories are listed ``workers`` requests at a time, spread over ``hosts``,
-    and yielded as they arrive (not in ``os.walk``'s order). Removing names from
+    and yielded as they arrive (not in ``os.walk``'s order), each list sorted by
+    name as the original's were. Removing names from
     ``dirs`` keeps the walk out of them. Errors listing a directory go to
     ``onerror`` (an ``OSError`` with ``filename`` set), as with ``os.walk``;
     :class:`AgentConnectionError` is raised when no agent answers for ``retry_for``
@@ -455,6 +460,8 @@ def parallel_walk(
             else:
                 files.append(name)
         root = top if d.path == walker.top else typed(d.path)
+        dirs.sort()  # sorted by name, as the original's answers were
+        files.sort()
         before = list(dirs)
         yield root, dirs, files
         _after_yield(walker, d.path, before, dirs, links)
@@ -486,7 +493,7 @@ def parallel_walk_entries(
         root = top if d.path == walker.top else typed(d.path)
         dirs: list[AgentDirEntry[AnyStr]] = []
         files: list[AgentDirEntry[AnyStr]] = []
-        for e in d.entries:
+        for e in sorted(d.entries, key=_by_name):
             (dirs if is_walk_dir(e) else files).append(AgentDirEntry(root, typed(e.name), e))
         before = [x.name for x in dirs]
         yield root, dirs, files

@@ -19,6 +19,7 @@ from .config import (
     DEFAULT_LISTEN,
     DEFAULT_MAXCONNECTIONS,
     DEFAULT_PORT,
+    DEFAULT_QUEUE,
     TOKEN_ENV,
     AgentConfig,
     ConfigError,
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--maxconnections", type=int, default=DEFAULT_MAXCONNECTIONS,
                    help="most listings served at once; more wait in line "
                         f"(default: {DEFAULT_MAXCONNECTIONS})")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_QUEUE, metavar="N",
+                   help="requests that may wait for a listing slot; more get 503 with Retry-After "
+                        f"(default: {DEFAULT_QUEUE})")
     p.add_argument("-r", "--replacepath", nargs=2, action="append", metavar=("REMOTE", "LOCAL"),
                    help="export LOCAL directory as REMOTE path, e.g. -r /mnt/isilon /ifs/data "
                         "(repeat for more exports; required, here or in --config)")
@@ -106,7 +110,7 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
             if not (isinstance(value, list) and all(
                     isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in value)):
                 raise ConfigError(f"--config {path}: replacepath must be a list of [REMOTE, LOCAL] pairs")
-        elif dest in ("port", "maxconnections", "verbose"):
+        elif dest in ("port", "maxconnections", "verbose", "max_queue"):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"--config {path}: {key} must be an integer")
         elif not isinstance(value, str):
@@ -124,7 +128,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         token = read_token_file(args.token_file) if args.token_file else os.environ.get(TOKEN_ENV) or None
         config = AgentConfig(
             exports=[make_export(remote, local) for remote, local in args.replacepath],
-            listen=args.listen, port=args.port, maxconnections=args.maxconnections,
+            listen=args.listen, port=args.port, maxconnections=args.maxconnections, max_queue=args.max_queue,
             verbose=args.verbose, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
         )
         tls_context(config)  # fail now, with a clear message, on a bad certificate or key

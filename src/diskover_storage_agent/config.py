@@ -12,6 +12,7 @@ from .exports import CONTROL_PREFIX, BadPath, Export, split_path
 DEFAULT_LISTEN = "0.0.0.0"
 DEFAULT_PORT = 9999
 DEFAULT_MAXCONNECTIONS = 50
+DEFAULT_QUEUE = 1000
 #: Environment variable holding the bearer token (for containers), like --token-file.
 TOKEN_ENV = "DISKOVER_AGENT_TOKEN"
 
@@ -34,8 +35,7 @@ class AgentConfig:
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
     #: Requests that may wait for a listing slot; past that, 503 with Retry-After.
-    #: None: ten times ``maxconnections``.
-    max_queue: Optional[int] = None
+    max_queue: int = DEFAULT_QUEUE
     #: Seconds a request may wait for a slot before it gets a 503.
     max_wait: float = 30.0
 
@@ -46,8 +46,6 @@ class AgentConfig:
             raise ConfigError(f"port {self.port} is not between 0 and 65535")
         if self.maxconnections < 1:
             raise ConfigError("--maxconnections must be at least 1")
-        if self.max_queue is None:
-            self.max_queue = 10 * self.maxconnections
         if self.max_queue < 0:
             raise ConfigError("the queue length cannot be negative")
         if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):

@@ -13,6 +13,7 @@ import hmac
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from urllib.parse import parse_qsl
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from diskover_agent.protocol import (
     ERROR_TYPE,
@@ -41,7 +43,7 @@ from .config import AgentConfig, tls_context
 from .exports import CONTROL_PREFIX, BadPath, ExportTable, OutsideExport, split_path
 from .filters import MAX_PATTERNS, Filter
 from .listing import GzipReader, Listing, Reader, TextListing, accepts_gzip
-from .observability import METRICS_TYPE, Metrics, RequestRecord
+from .observability import METRICS_TYPE, Metrics, RequestRecord, access_log
 from .subtree import SubtreeWalk, decode_request, validate
 
 log = logging.getLogger("diskover_storage_agent")
@@ -438,6 +440,17 @@ def _locked(lock: threading.Lock, fn: Callable[[], T]) -> T:
         return fn()
 
 
+class ProtocolLog(logging.LoggerAdapter):
+    """aiohttp's own log: a malformed request is one line (at -v), not a traceback."""
+
+    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(exc, HttpProcessingError):
+            access_log.info("rejected a malformed request (%s %s): %s", msg, args, exc.message or exc)
+            return
+        self.logger.error(msg, *args, exc_info=exc_info, **kwargs)
+
+
 def _url(sockname: Any, tls: bool) -> str:
     host, port = sockname[0], sockname[1]
     scheme = "https" if tls else "http"
@@ -449,7 +462,7 @@ async def serve(config: AgentConfig, ready: Optional[Callable[[list[str]], None]
     agent = Agent(config)
     # aiohttp's low-level server: no router, so that any path (newlines, invalid
     # UTF-8...) reaches the handler as the raw bytes the client sent.
-    server = web.Server(agent.handle, access_log=None)
+    server = web.Server(agent.handle, access_log=None, logger=ProtocolLog(log, {}))
     agent.metrics.watch(lambda: len(server.connections), lambda: agent.slots.waiting)
     runner = web.ServerRunner(server, shutdown_timeout=config.shutdown_timeout)
     ssl_context = tls_context(config)
@@ -459,6 +472,10 @@ async def serve(config: AgentConfig, ready: Optional[Callable[[list[str]], None]
             runner, config.listen, config.port, reuse_address=True, backlog=1024, ssl_context=ssl_context
         )
         await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         urls = [_url(addr, ssl_context is not None) for addr in runner.addresses]
         for export in config.exports:
             log.info("exporting %s as %s", os.fsdecode(export.local), os.fsdecode(export.remote))
@@ -470,10 +487,6 @@ async def serve(config: AgentConfig, ready: Optional[Callable[[list[str]], None]
                         " and the token" if config.token else "")
         if ready is not None:
             ready(urls)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("stopping: finishing answers in flight")
     finally:
