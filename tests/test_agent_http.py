@@ -94,8 +94,9 @@ def text_listing(local: bytes) -> bytes:
     return b"".join(name + (b"/\n" if is_dir else b"\n") for name, is_dir in items)
 
 
-def expected_entries(local: bytes, want_stat: bool) -> dict[bytes, tuple]:
-    """name -> (kind, target kind, lstat fields, target stat fields) from the local directory."""
+def expected_entries(local: bytes, want_stat: bool, export_root: bytes) -> dict[bytes, tuple]:
+    """name -> (kind, target kind, lstat fields, target stat fields) from the local directory.
+    A symlink's target stat is given only when the target lies inside the export."""
     out = {}
     for name in os.listdir(local):
         path = os.path.join(local, name)
@@ -108,8 +109,10 @@ def expected_entries(local: bytes, want_stat: bool) -> dict[bytes, tuple]:
             except OSError:
                 tst = None
             target = kind_of(tst.st_mode) if tst is not None else None
+        real = os.path.realpath(path)
+        inside = real == export_root or real.startswith(export_root.rstrip(b"/") + b"/")
         out[name] = (kind, target, stat_tuple(st) if want_stat else None,
-                     stat_tuple(tst) if want_stat and tst is not None else None)
+                     stat_tuple(tst) if want_stat and tst is not None and inside else None)
     return out
 
 
@@ -266,7 +269,7 @@ def test_structured_listing_exact(awkward_tree, start_agent, fmt, want_stat):
         path, entries = (decode_msgpack if fmt == "msgpack" else decode_ndjson)(r.body)
         assert path == remote
         got = as_entry_map(entries)
-        want = expected_entries(local_top + sub, want_stat)
+        want = expected_entries(local_top + sub, want_stat, os.path.realpath(local_top))
         assert got == want, sub
         seen_kinds |= {v[0] for v in got.values()}
     assert seen_kinds == {"d", "f", "l", "p"}
@@ -581,7 +584,7 @@ def test_maxconnections_one_serves_twenty_concurrent_clients(tmp_path, start_age
     (top / "subdir").mkdir()
     agent = start_agent([(REMOTE, str(top))], extra=("-c", "1"))
     want_text = text_listing(os.fsencode(top))
-    want_entries = expected_entries(os.fsencode(top), True)
+    want_entries = expected_entries(os.fsencode(top), True, os.path.realpath(os.fsencode(top)))
     barrier = threading.Barrier(20)
 
     def client(i: int) -> bool:

@@ -57,11 +57,15 @@ class AgentDirEntry(Generic[AnyStr]):
         return self._entry.kind
 
     def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
-        """The entry's stat, as the agent read it while listing."""
+        """The entry's stat, as the agent read it while listing. Following a symlink
+        that leads outside the export raises ``PermissionError``: the agent does not
+        reveal what lies there."""
         if follow_symlinks and self._entry.kind == KIND_SYMLINK:
             if self._entry.target_stat is None:
                 if self._entry.stat is None:
                     raise _no_stat(self.path)
+                if self._entry.target is not None:
+                    raise PermissionError(errno.EACCES, "Symlink leads outside the agent's export", self.path)
                 raise FileNotFoundError(errno.ENOENT, "Symlink target does not exist", self.path)
             return make_stat(self._entry.target_stat)
         if self._stat is None:

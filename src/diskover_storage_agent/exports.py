@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from dataclasses import dataclass
+from typing import Optional
 
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_SYMLINKS = 40  # as Linux's MAXSYMLINKS
@@ -133,6 +135,43 @@ class ExportTable:
         finally:
             for fd in stack:
                 os.close(fd)
+
+    def stat_inside(self, remote: bytes) -> Optional[os.stat_result]:
+        """The stat of what a remote path leads to, following symlinks only while
+        they stay inside its export; None when it leads outside, or cannot be read."""
+        found = self.lookup(split_path_loose(remote))
+        if found is None:
+            return None
+        try:
+            return self._stat_beneath(found[0], list(found[1]), remote, 0)
+        except OSError:
+            return None
+
+    def _stat_beneath(self, export: Export, parts: list[bytes], remote: bytes, links: int) -> os.stat_result:
+        while parts and parts[-1] in (b"", b"."):
+            parts.pop()
+        if not parts or parts[-1] == b"..":
+            fd = self.open_beneath(export, tuple(parts), remote)
+            try:
+                return os.fstat(fd)
+            finally:
+                os.close(fd)
+        parent = self.open_beneath(export, tuple(parts[:-1]), remote)
+        try:
+            st = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+            if not stat.S_ISLNK(st.st_mode):
+                return st
+            target = os.readlink(parts[-1], dir_fd=parent)
+        finally:
+            os.close(parent)
+        if links >= _MAX_SYMLINKS:
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), os.fsdecode(remote))
+        if target.startswith(b"/"):
+            inside = self._strip_local(export, split_path_loose(target))
+            if inside is None:
+                raise OutsideExport(remote)
+            return self._stat_beneath(export, list(inside), remote, links + 1)
+        return self._stat_beneath(export, parts[:-1] + target.split(b"/"), remote, links + 1)
 
     def _strip_local(self, export: Export, parts: tuple[bytes, ...]) -> tuple[bytes, ...] | None:
         for prefix in self._local_prefixes[export]:

@@ -11,7 +11,7 @@ import os
 import sys
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import IO, Any, Optional, Protocol
 
@@ -81,13 +81,16 @@ def target_stat(name: str, dir_fd: int) -> Optional[os.stat_result]:
 
 
 def read_entries(
-    it: Iterator[os.DirEntry], dir_fd: int, want_stat: bool, limit: int, subdirs: Optional[list[bytes]] = None
+    it: Iterator[os.DirEntry], dir_fd: int, want_stat: bool, limit: int, subdirs: Optional[list[bytes]] = None,
+    inside: Optional[Callable[[bytes], Optional[os.stat_result]]] = None,
 ) -> list[tuple]:
     """Up to ``limit`` wire entries from a scandir iterator (see the protocol module).
 
     The names of real directories are also appended to ``subdirs`` when given. This
     loop is the agent's hot path: it stays inline, with no call per entry that
-    ``d_type`` makes unnecessary.
+    ``d_type`` makes unnecessary. A symlink's target kind comes from following it
+    (``os.walk`` needs it); its stat record only from ``inside(name)``, which follows
+    it no further than the export (without ``inside``, no target stat is given).
     """
     out: list[tuple] = []
     append = out.append
@@ -118,7 +121,8 @@ def read_entries(
         elif kind == KIND_SYMLINK:
             tst = target_stat(entry.name, dir_fd)
             if tst is not None:
-                append((name, kind, kind_of_mode(tst.st_mode), fields, stat_fields(tst)))
+                ist = inside(name) if inside is not None else None
+                append((name, kind, kind_of_mode(tst.st_mode), fields, ist and stat_fields(ist)))
                 continue
         append((name, kind, None, fields, None))
     return out
@@ -139,12 +143,14 @@ class Listing:
 
     headers: dict[str, str] = {}
 
-    def __init__(self, fd: int, remote: bytes, fmt: str, want_stat: bool, filter: Optional[Filter] = None) -> None:
+    def __init__(self, fd: int, remote: bytes, fmt: str, want_stat: bool, filter: Optional[Filter] = None,
+                 inside: Optional[Callable[[bytes], Optional[os.stat_result]]] = None) -> None:
         self.fd = fd
         self.remote = remote
         self.fmt = fmt
         self.want_stat = want_stat
         self.filter = filter
+        self.inside = inside
         self.done = False
         self.entries = 0
         self.directories = 1
@@ -156,7 +162,7 @@ class Listing:
         if not self._started:
             parts.append(encode_frame(("dir", self.remote, dir_stat(self.fd, self.want_stat)), self.fmt))
             self._started = True
-        entries = read_entries(self._it, self.fd, self.want_stat, CHUNK)
+        entries = read_entries(self._it, self.fd, self.want_stat, CHUNK, None, self.inside)
         read = len(entries)
         if self.filter is not None:
             entries = self.filter.apply(entries, self.remote, self.fd)

@@ -283,7 +283,7 @@ class Agent:
                 os.close(fd)
                 return web.Response(headers={**_HEADERS, "Content-Type": _CONTENT_TYPES[req.fmt]})
             try:
-                lister: Reader = await self.run(_open_lister, fd, req)
+                lister: Reader = await self.run(_open_lister, fd, req, self.exports)
             except OSError as exc:
                 os.close(fd)
                 return os_error_response(exc, path)
@@ -416,10 +416,14 @@ def encode_info(config: AgentConfig) -> bytes:
     })
 
 
-def _open_lister(fd: int, req: ListingRequest) -> Reader:
+def _open_lister(fd: int, req: ListingRequest, exports: ExportTable) -> Reader:
     if req.fmt == "text":
         return TextListing(fd, req.path)
-    return Listing(fd, req.path, req.fmt, req.want_stat, req.filter)
+
+    def inside(name: bytes) -> Optional[os.stat_result]:
+        return exports.stat_inside(req.path.rstrip(b"/") + b"/" + name)
+
+    return Listing(fd, req.path, req.fmt, req.want_stat, req.filter, inside)
 
 
 def _statvfs(exports: ExportTable, export: Any, rel: tuple[bytes, ...], path: bytes) -> dict[str, int]:

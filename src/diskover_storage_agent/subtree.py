@@ -149,15 +149,20 @@ class SubtreeWalk:
         subdirs: list[bytes] = []
         pushed = False
         filter = self._filter
+        stat_inside = self.exports.stat_inside
+
+        def inside(name: bytes) -> Optional[os.stat_result]:
+            return stat_inside(_join(path, name))
+
         try:
             yield self._encode(("dir", path, dir_stat(fd, self.req.stat)))
             with os.scandir(fd) as it:
                 while True:
                     if filter is None:
-                        entries = read_entries(it, fd, self.req.stat, CHUNK, subdirs)
+                        entries = read_entries(it, fd, self.req.stat, CHUNK, subdirs, inside)
                         read = len(entries)
                     else:
-                        entries = read_entries(it, fd, self.req.stat, CHUNK)
+                        entries = read_entries(it, fd, self.req.stat, CHUNK, None, inside)
                         read = len(entries)
                         entries = filter.apply(entries, path, fd)
                         subdirs.extend(e[0] for e in entries if e[1] == KIND_DIR)
