@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any, AnyStr, Optional, Union
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, AnyStr, Optional, TypeVar, Union
 
 from .entry import AgentDirEntry
 from .errors import AgentConnectionError
@@ -20,6 +20,8 @@ from .transport import (
     fsencode_path,
     parse_host,
 )
+
+T = TypeVar("T")
 
 
 def parse_hosts(hosts: Union[str, Sequence[str]], port: int) -> list[HostAddress]:
@@ -118,43 +120,32 @@ class AgentConnection:
     def statvfs(self, path: AnyStr) -> dict[str, int]:
         """The sizes of the file system holding a remote directory: ``os.statvfs``'s
         fields (``f_frsize``, ``f_blocks``...) and ``total``, ``free``, ``available`` bytes."""
-        raw = fsencode_path(path)
-        errors = []
-        for _ in range(len(self._addresses)):
-            if self._http is None:
-                self.connect()
-            assert self._http is not None
-            try:
-                result = self._http.statvfs(raw, path)
-            except TRANSIENT_ERRORS as exc:
-                errors.append(f"{self._http.address.label}: {exc}")
-                self.close()
-                continue
-            if isinstance(result, OSError):
-                raise result
-            return result
-        raise AgentConnectionError("no agent could answer: " + "; ".join(errors))
+        result = self._ask(lambda http: http.statvfs(fsencode_path(path), path))
+        if isinstance(result, OSError):
+            raise result
+        return result
 
     def _list(self, path: AnyStr, want_stat: bool) -> RemoteListing:
-        raw = fsencode_path(path)
+        start = time.perf_counter()
+        listing = self._ask(lambda http: http.listdir(fsencode_path(path), want_stat, path))
+        self._response_time = time.perf_counter() - start
+        if listing.error is not None:
+            raise listing.error
+        return listing
+
+    def _ask(self, request: Callable[[AgentHTTP], T]) -> T:
+        """Run a request on the current host, moving on to the next ones when it fails."""
         errors = []
         for _ in range(len(self._addresses)):
             if self._http is None:
                 self.connect()
             assert self._http is not None
-            start = time.perf_counter()
             try:
-                listing = self._http.listdir(raw, want_stat, path)
+                return request(self._http)
             except TRANSIENT_ERRORS as exc:
                 errors.append(f"{self._http.address.label}: {exc}")
                 self.close()
-                self._http = None
-                continue
-            self._response_time = time.perf_counter() - start
-            if listing.error is not None:
-                raise listing.error
-            return listing
-        raise AgentConnectionError("no agent could list the path: " + "; ".join(errors))
+        raise AgentConnectionError("no agent could answer: " + "; ".join(errors))
 
     def close(self) -> None:
         """Close the current connection."""

@@ -415,6 +415,23 @@ def _after_yield(walker: Walker, root: bytes, before: list, after: list, links: 
             walker.add(_join(root, os.fsencode(name)))
 
 
+def _listed(
+    top: AnyStr, hosts: Union[str, Sequence[str], None], onerror: OnError, **walker_args: Any
+) -> Iterator[tuple[Walker, AnyStr, _Dir]]:
+    """The directories a walk lists, with their roots typed like ``top``; errors to ``onerror``."""
+    if hosts is None:
+        raise ValueError("hosts is required")
+    top = os.fspath(top)
+    walker = Walker(top, hosts, **walker_args)
+    typed = _typed(top)
+    for d in walker.dirs():
+        if d.error is not None:
+            if onerror is not None:
+                onerror(d.error)
+            continue
+        yield walker, (top if d.path == walker.top else typed(d.path)), d
+
+
 def parallel_walk(
     top: AnyStr,
     workers: int = 40,
@@ -426,10 +443,10 @@ def parallel_walk(
     """Walk a remote tree like ``os.walk(top)`` (top-down, symlinks not followed).
 
     Directories are listed ``workers`` requests at a time, spread over ``hosts``,
-    and yielded as they arrive (not in ``os.walk``'s order), each list sorted by
-    name as the original's were. Removing names from
-    ``dirs`` keeps the walk out of them. Errors listing a directory go to
-    ``onerror`` (an ``OSError`` with ``filename`` set), as with ``os.walk``;
+    and yielded as they arrive (not in ``os.walk``'s order), ``dirs`` and ``files``
+    each sorted by name as the original's were. Removing names from ``dirs`` keeps
+    the walk out of them. Errors listing a directory go to ``onerror`` (an
+    ``OSError`` with ``filename`` set), as with ``os.walk``;
     :class:`AgentConnectionError` is raised when no agent answers for ``retry_for``
     seconds. Leaving the loop early stops every thread and socket. ``options`` are
     :class:`Walker`'s (``mode``, ``retry_for``, ``exclude_dirs``, ``exclude_files``,
@@ -437,16 +454,8 @@ def parallel_walk(
     :class:`~diskover_agent.transport.ClientOptions`' (``timeout``, ``connect_timeout``,
     ``token``, ``tls``, ``cafile``, ``verify``, ``compress``).
     """
-    if hosts is None:
-        raise ValueError("hosts is required")
-    top = os.fspath(top)
-    walker = Walker(top, hosts, port=port, workers=workers, **options)
     typed = _typed(top)
-    for d in walker.dirs():
-        if d.error is not None:
-            if onerror is not None:
-                onerror(d.error)
-            continue
+    for walker, root, d in _listed(top, hosts, onerror, port=port, workers=workers, **options):
         dirs: list[Any] = []
         files: list[Any] = []
         links = set()
@@ -459,8 +468,7 @@ def parallel_walk(
                 links.add(name)
             else:
                 files.append(name)
-        root = top if d.path == walker.top else typed(d.path)
-        dirs.sort()  # sorted by name, as the original's answers were
+        dirs.sort()
         files.sort()
         before = list(dirs)
         yield root, dirs, files
@@ -480,17 +488,8 @@ def parallel_walk_entries(
     Every entry carries its lstat record from the listing itself (``entry.stat()``
     makes no request). Removing entries from ``dirs`` prunes the walk.
     """
-    if hosts is None:
-        raise ValueError("hosts is required")
-    top = os.fspath(top)
-    walker = Walker(top, hosts, port=port, workers=workers, stat=True, **options)
     typed = _typed(top)
-    for d in walker.dirs():
-        if d.error is not None:
-            if onerror is not None:
-                onerror(d.error)
-            continue
-        root = top if d.path == walker.top else typed(d.path)
+    for walker, root, d in _listed(top, hosts, onerror, port=port, workers=workers, stat=True, **options):
         dirs: list[AgentDirEntry[AnyStr]] = []
         files: list[AgentDirEntry[AnyStr]] = []
         for e in sorted(d.entries, key=_by_name):
