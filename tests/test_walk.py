@@ -217,3 +217,28 @@ def test_small_budgets_many_requests_exact(tmp_path, start_agent):
     served = walker.served()
     assert sum(h["requests"] for h in served.values()) > 20  # the budget really cut the walk
     assert all(h["dirs"] > 0 for h in served.values())  # both agents took part
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_walk_in_parts_by_entry_budget(tmp_path, start_agent, mode):
+    """A walk stopped by max_entries hands back its frontier; walking the frontiers in
+    turn lists every directory exactly once (what a distributed walk is made of)."""
+    top = tmp_path / "t"
+    for i in range(12):
+        for j in range(8):
+            (top / f"a{i}" / f"b{j}").mkdir(parents=True)
+            (top / f"a{i}" / f"b{j}" / "f").touch()
+    agent = start_agent([(REMOTE, str(top))])
+    expected, _ = reference_walk(top, nocaps=False)
+    seen: list[bytes] = []
+    todo = [REMOTE.encode()]
+    parts = 0
+    while todo:
+        walker = diskover_agent.walk.Walker(REMOTE, [agent.hostspec], roots=todo, workers=3, mode=mode,
+                                           max_entries=40, max_budget=16)
+        seen += [d.path for d in walker.dirs()]
+        todo = walker.frontier()
+        parts += 1
+    assert parts > 3
+    assert len(seen) == len(set(seen)) == len(expected)
+    assert set(seen) == {r for r, _, _ in expected}

@@ -132,6 +132,8 @@ class Walker:
         exclude_dirs: Iterable[Union[str, bytes]] = (),
         exclude_files: Iterable[Union[str, bytes]] = (),
         one_fs: bool = False,
+        roots: Optional[Sequence[bytes]] = None,
+        max_entries: Optional[int] = None,
         **options: Any,
     ) -> None:
         if workers < 1:
@@ -148,12 +150,16 @@ class Walker:
         self.retry_for = retry_for
         self.max_budget = max_budget
         self._budget = min(FIRST_BUDGET, max_budget)
-        self._todo: collections.deque[bytes] = collections.deque([self.top])
+        self._todo: collections.deque[bytes] = collections.deque(roots if roots is not None else [self.top])
         self._cond = threading.Condition()
         self._results: collections.deque[Any] = collections.deque()
         self._results_ready = threading.Condition()
         #: Directories known and not yet handed to the generator (queued, in flight, or waiting).
-        self._outstanding = 1
+        self._outstanding = len(self._todo)
+        #: Stop taking new work once this many entries were listed (None: walk everything).
+        self.max_entries = max_entries
+        self.entries = 0
+        self._exited = 0
         self._pruned: set[bytes] = set()
         self._stopping = False
         self._conns: list[AgentHTTP] = []
@@ -171,7 +177,7 @@ class Walker:
             while True:
                 with self._results_ready:
                     while not self._results:
-                        if self._outstanding == 0:
+                        if self._outstanding == 0 or self._exited == len(self._threads):
                             return
                         self._results_ready.wait()
                     item = self._results.popleft()
@@ -198,6 +204,11 @@ class Walker:
             self._outstanding_add(1)
             self._todo.append(path)
             self._cond.notify()
+
+    def frontier(self) -> list[bytes]:
+        """Directories owed and not listed: what a walk stopped by ``max_entries`` left."""
+        with self._cond:
+            return [p for p in self._todo if not self._is_pruned(p)]
 
     def served(self) -> dict[str, dict[str, int]]:
         """Requests and directories each host served so far."""
@@ -250,14 +261,17 @@ class Walker:
 
     # -- the worker side ----------------------------------------------------------------
 
+    def _spent(self) -> bool:
+        return self.max_entries is not None and self.entries >= self.max_entries
+
     def _take(self, subtree: bool) -> Optional[list[bytes]]:
         """A batch of paths to walk, waiting for one; None when the walk stops."""
         with self._cond:
             while not self._todo:
-                if self._stopping:
+                if self._stopping or self._spent():
                     return None
                 self._cond.wait()
-            if self._stopping:
+            if self._stopping or self._spent():
                 return None
             n = 1
             if subtree:
@@ -293,6 +307,11 @@ class Walker:
         finally:
             for conn in conns.values():
                 conn.close()
+            with self._results_ready:
+                self._exited += 1
+                self._results_ready.notify_all()
+            with self._cond:
+                self._cond.notify_all()  # others waiting for work may be done too
 
     def _pick_host(self) -> Optional[int]:
         while True:
@@ -340,8 +359,11 @@ class Walker:
 
     def _serve_subtree(self, conn: AgentHTTP, batch: list[bytes], pending: dict[bytes, None]) -> int:
         ex = self.exclusions
+        budget = self._budget
+        if self.max_entries is not None:
+            budget = max(1, min(budget, self.max_entries - self.entries))
         req = WalkRequest(
-            paths=batch, stat=self.stat, max_entries=self._budget, max_seconds=MAX_SECONDS,
+            paths=batch, stat=self.stat, max_entries=budget, max_seconds=MAX_SECONDS,
             exclude_dirs=list(ex.dirs), exclude_files=list(ex.files), one_fs=ex.one_fs,
         )
         current: Optional[bytes] = None
@@ -387,6 +409,8 @@ class Walker:
                 pending.update(dict.fromkeys(subdirs))
         else:
             entries = []
+        with self._results_ready:
+            self.entries += len(entries)
         self._deliver(_Dir(path, entries, error))
 
     def _filename(self, path: bytes) -> Union[str, bytes]:
