@@ -1,0 +1,172 @@
+"""A walk spread over many client machines as Dask tasks, written as a dataset.
+
+Each task walks part of the frontier through the agents (a :class:`Walker` stopped by
+an entry budget), writes what it listed to one partition file, and hands back the
+directories it did not reach; the driver turns those into new tasks, so the work
+spreads to every Dask worker early and no task grows without bound. A task that is
+lost with its worker is run again by Dask; only the partition named in a task's
+delivered result is kept, and partitions of lost runs are deleted at the end, so no
+entry is written twice. Needs ``pip install diskover-storage-agent[dask]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Union
+
+from .dataset import FORMATS, Rows
+from .transport import DEFAULT_PORT, fsencode_path
+from .walk import Walker
+
+#: Entries the first task lists; each later one may list twice as many, up to ``part_entries``.
+FIRST_PART_ENTRIES = 5_000
+PART_PREFIX = "part-"
+MANIFEST = "_walk.json"
+
+
+@dataclass
+class PartSpec:
+    """One task: walk ``roots`` (remote paths) until ``max_entries``; write to ``output``."""
+
+    stem: str
+    roots: list[bytes]
+    hosts: list[str]
+    port: int
+    output: str
+    fmt: str
+    max_entries: int
+    threads: int
+    options: dict[str, Any]
+
+
+@dataclass
+class PartResult:
+    """What a task did: its partition file and the directories it left."""
+
+    file: str
+    frontier: list[bytes]
+    dirs: int
+    entries: int
+    bytes: int
+    errors: int
+    seconds: float
+
+
+@dataclass
+class WalkSummary:
+    """The whole distributed walk."""
+
+    top: str
+    output: str
+    format: str
+    files: list[str] = field(default_factory=list)
+    tasks: int = 0
+    dirs: int = 0
+    entries: int = 0
+    bytes: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+
+
+def walk_part(spec: PartSpec) -> PartResult:
+    """Run one task (on a Dask worker): walk, write the partition, return the frontier."""
+    start = time.monotonic()
+    walker = Walker(spec.roots[0], spec.hosts, roots=spec.roots, port=spec.port, workers=spec.threads,
+                    stat=True, max_entries=spec.max_entries, **spec.options)
+    rows = Rows()
+    for d in walker.dirs():
+        if d.error is not None:
+            rows.add_error(d.path, d.error)
+        else:
+            rows.add_dir(d.path, d.entries)
+    frontier = walker.frontier()
+    name = rows.write(spec.output, spec.stem, spec.fmt)
+    return PartResult(name, frontier, rows.dirs, rows.entries, rows.bytes, rows.errors, time.monotonic() - start)
+
+
+def _split(paths: list[bytes], parts: int) -> list[list[bytes]]:
+    parts = max(1, min(parts, len(paths)))
+    return [paths[i::parts] for i in range(parts)]
+
+
+def dask_walk(
+    top: Union[str, bytes],
+    hosts: Union[str, Sequence[str]],
+    output: str,
+    *,
+    client: Any,
+    fmt: str = "parquet",
+    port: int = DEFAULT_PORT,
+    part_entries: int = 200_000,
+    part_paths: int = 256,
+    threads: int = 8,
+    retries: int = 3,
+    progress: Optional[Callable[[WalkSummary, PartResult], None]] = None,
+    **options: Any,
+) -> WalkSummary:
+    """Walk ``top`` through the agents as tasks on the Dask ``client``'s cluster, writing
+    one ``fmt`` partition per finished task into the directory ``output`` (which every
+    worker must be able to write, e.g. a shared file system).
+
+    ``options`` are the walk's (``exclude_dirs``, ``exclude_files``, ``one_fs``,
+    ``token``, ``tls``, ``cafile``...). ``progress`` is called after every task.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}")
+    from distributed import as_completed
+
+    raw_top = fsencode_path(top)
+    host_list = hosts.split(",") if isinstance(hosts, str) else list(hosts)
+    os.makedirs(output, exist_ok=True)
+    if any(n.startswith(PART_PREFIX) for n in os.listdir(output)):
+        raise FileExistsError(f"{output} already holds a walk's partitions; use an empty directory")
+    run = os.urandom(4).hex()
+    slots = max(1, sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()))
+    summary = WalkSummary(top=os.fsdecode(raw_top), output=output, format=fmt)
+    start = time.monotonic()
+    budget = min(FIRST_PART_ENTRIES, part_entries)
+
+    def submit(roots: list[bytes]) -> Any:
+        spec = PartSpec(f"{PART_PREFIX}{summary.tasks:06d}", roots, host_list, port, output, fmt,
+                        budget, threads, options)
+        summary.tasks += 1
+        return client.submit(walk_part, spec, key=f"diskover-walk-{run}-{summary.tasks}", retries=retries,
+                             pure=False)
+
+    pending = as_completed([submit([raw_top])])
+    for future in pending:
+        result: PartResult = future.result()
+        summary.files.append(result.file)
+        summary.dirs += result.dirs
+        summary.entries += result.entries
+        summary.bytes += result.bytes
+        summary.errors += result.errors
+        budget = min(budget * 2, part_entries)
+        if result.frontier:
+            chunks = max(math.ceil(len(result.frontier) / part_paths), min(slots, len(result.frontier)))
+            for roots in _split(result.frontier, chunks):
+                pending.add(submit(roots))
+        if progress is not None:
+            progress(summary, result)
+    summary.seconds = time.monotonic() - start
+    kept = set(summary.files)
+    for name in os.listdir(output):  # partitions of runs whose result never arrived
+        if (name.startswith(PART_PREFIX) or name.startswith(f".{PART_PREFIX}")) and name not in kept:
+            os.unlink(os.path.join(output, name))
+    with open(os.path.join(output, MANIFEST), "w") as f:
+        json.dump(asdict(summary), f, indent=1)
+    return summary
+
+
+def local_cluster(workers: int, threads_per_worker: int = 2) -> Any:
+    """A Dask client on a local cluster of ``workers`` processes (``--dask local:N``)."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
+                           dashboard_address=None, host="127.0.0.1")
+    return Client(cluster)
