@@ -128,7 +128,7 @@ def encode_frame(frame: Sequence[Any], fmt: str) -> bytes:
 StatFields = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int]
 
 
-class Entry(msgspec.Struct, array_like=True, frozen=True):
+class Entry(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """One directory entry as it travels."""
 
     name: bytes

@@ -51,6 +51,9 @@ FIRST_BUDGET = 256
 MAX_BUDGET = 16_384
 #: Seconds an agent walks for one request before it answers its frontier.
 MAX_SECONDS = 0.5
+#: Subtree requests in flight to one agent, at most: an agent walks each one as fast
+#: as its cores allow, so more only compete for them (measured in bench/README.md).
+SUBTREE_PER_HOST = 4
 #: Paths sent in one subtree request, at most.
 MAX_BATCH = 64
 _BACKOFF_FIRST = 0.2
@@ -65,7 +68,8 @@ def _join(path: bytes, name: bytes) -> bytes:
 
 
 class _Hosts:
-    """Round-robin over hosts, setting aside the ones that fail, with backoff."""
+    """Picks a host for each request: the healthy one with the fewest requests in flight
+    (round-robin among equals), setting aside the ones that fail, with backoff."""
 
     def __init__(self, addresses: list[HostAddress]) -> None:
         self.addresses = addresses
@@ -73,28 +77,49 @@ class _Hosts:
         self._turn = 0
         self._down_until = [0.0] * len(addresses)
         self._failures = [0] * len(addresses)
+        self.inflight = [0] * len(addresses)
         self.subtree = [True] * len(addresses)
         self.requests = [0] * len(addresses)
         self.dirs = [0] * len(addresses)
         self.last_ok = time.monotonic()
+        self.last_error: Optional[str] = None
 
-    def pick(self) -> tuple[int, float]:
-        """The next usable host's index, or (-1, seconds to wait) when all are set aside."""
+    def pick(self, cap: Optional[int] = None) -> tuple[int, float]:
+        """A host's index, taken (release it with :meth:`release`); or (-1, seconds to
+        wait) when all are set aside or, with ``cap``, all have ``cap`` requests in flight."""
         now = time.monotonic()
         with self._lock:
             n = len(self.addresses)
+            best = -1
             for i in range(n):
                 idx = (self._turn + i) % n
-                if self._down_until[idx] <= now:
-                    self._turn = idx + 1
-                    return idx, 0.0
-            return -1, min(self._down_until) - now
+                if self._down_until[idx] > now:
+                    continue
+                if cap is not None and self.subtree[idx] and self.inflight[idx] >= cap:
+                    continue
+                if best < 0 or self.inflight[idx] < self.inflight[best]:
+                    best = idx
+            if best >= 0:
+                self._turn = best + 1
+                self.inflight[best] += 1
+                return best, 0.0
+            down = [t - now for t in self._down_until if t > now]
+            return -1, min(down) if len(down) == n else 0.05
 
-    def failed(self, idx: int, retry_after: Optional[float] = None) -> None:
+    def usable(self, idx: int) -> bool:
+        return self._down_until[idx] <= time.monotonic()
+
+    def release(self, idx: int) -> None:
+        with self._lock:
+            self.inflight[idx] -= 1
+
+    def failed(self, idx: int, retry_after: Optional[float] = None, error: Optional[BaseException] = None) -> None:
         with self._lock:
             self._failures[idx] += 1
             delay = min(_BACKOFF_FIRST * 2 ** (self._failures[idx] - 1), _BACKOFF_MAX)
             self._down_until[idx] = time.monotonic() + (retry_after if retry_after is not None else delay)
+            if error is not None:
+                self.last_error = f"{self.addresses[idx].label}: {error}"
 
     def succeeded(self, idx: int, dirs: int) -> None:
         with self._lock:
@@ -275,7 +300,8 @@ class Walker:
                 return None
             n = 1
             if subtree:
-                n = max(1, min(MAX_BATCH, len(self._todo) // len(self._threads)))
+                lanes = min(len(self._threads), SUBTREE_PER_HOST * len(self.hosts.addresses))
+                n = max(1, min(MAX_BATCH, len(self._todo) // lanes))
             batch = [self._todo.popleft() for _ in range(min(n, len(self._todo)))]
         dropped = [p for p in batch if self._is_pruned(p)]
         if dropped:
@@ -291,17 +317,25 @@ class Walker:
                 idx = self._pick_host()
                 if idx is None:
                     return
-                subtree = self.mode != "listdir" and self.hosts.subtree[idx]
-                batch = self._take(subtree)
-                if batch is None:
-                    return
-                if not batch:
-                    continue
-                conn = conns.get(idx)
-                if conn is None:
-                    conn = conns[idx] = AgentHTTP(self.hosts.addresses[idx], self.options)
-                    self._conns.append(conn)
-                self._serve(idx, conn, batch, subtree)
+                try:
+                    subtree = self.mode != "listdir" and self.hosts.subtree[idx]
+                    batch = self._take(subtree)
+                    if batch is None:
+                        return
+                    if not batch:
+                        continue
+                    if not self.hosts.usable(idx):  # set aside while this worker waited for work
+                        self._requeue(batch)
+                        continue
+                    conn = conns.get(idx)
+                    if conn is None:
+                        conn = conns[idx] = AgentHTTP(self.hosts.addresses[idx], self.options)
+                        self._conns.append(conn)
+                    self._serve(idx, conn, batch, subtree)
+                finally:
+                    self.hosts.release(idx)
+                    with self._cond:
+                        self._cond.notify_all()  # a worker may be waiting for this host
         except BaseException as exc:  # a bug, or a refusal no retry can fix: end the walk
             self._deliver(exc)
         finally:
@@ -318,13 +352,14 @@ class Walker:
             with self._cond:
                 if self._stopping:
                     return None
-            idx, wait = self.hosts.pick()
+            idx, wait = self.hosts.pick(None if self.mode == "listdir" else SUBTREE_PER_HOST)
             if idx >= 0:
                 return idx
             if time.monotonic() - self.hosts.last_ok >= self.retry_for:
                 with self._cond:
                     if not self._stopping:
-                        self._deliver(AgentConnectionError(f"no agent answered for {self.retry_for:g} s"))
+                        self._deliver(AgentConnectionError(
+                            f"no agent answered for {self.retry_for:g} s; last error: {self.hosts.last_error}"))
                     self._stopping = True
                     self._cond.notify_all()
                 return None
@@ -351,7 +386,7 @@ class Walker:
         except TRANSIENT_ERRORS as exc:
             self._requeue(list(pending))
             retry_after = exc.retry_after if isinstance(exc, AgentBusyError) else None
-            self.hosts.failed(idx, retry_after)
+            self.hosts.failed(idx, retry_after, exc)
             return
         if not subtree:
             self._requeue(list(pending))

@@ -7,7 +7,6 @@ the event loop, and at most ``-c`` listings are served at once: more wait in lin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import hmac
 import logging
@@ -15,7 +14,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, TypeVar
 from urllib.parse import parse_qsl
@@ -23,6 +22,7 @@ from urllib.parse import parse_qsl
 import msgspec
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from diskover_agent.protocol import (
     ERROR_TYPE,
@@ -177,14 +177,37 @@ class Slots:
     def release(self) -> None:
         self._sem.release()
 
-    @contextlib.asynccontextmanager
-    async def hold(self) -> AsyncIterator[bool]:
-        ok = await self.acquire()
+    async def acquire_admitted(self) -> None:
+        """Take a slot for a request already admitted: it waits as long as it takes."""
+        self.waiting += 1
         try:
-            yield ok
+            await self._sem.acquire()
         finally:
-            if ok:
-                self.release()
+            self.waiting -= 1
+
+
+class Hold:
+    """One request's claim on a slot: held while the agent reads the file system,
+    let go while the answer travels, so a client that reads slowly (or not at all)
+    holds no slot."""
+
+    def __init__(self, slots: Slots) -> None:
+        self.slots = slots
+        self.held = False
+
+    async def admit(self) -> bool:
+        self.held = await self.slots.acquire()
+        return self.held
+
+    async def take(self) -> None:
+        if not self.held:
+            await self.slots.acquire_admitted()
+            self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.slots.release()
 
 
 def busy_response() -> web.Response:
@@ -236,9 +259,13 @@ class Agent:
             status = resp.status
             record.error = resp.get("error")
             return resp
-        except (asyncio.CancelledError, ConnectionError):
+        except asyncio.CancelledError:
             status = 499  # the client went away (nginx's code for it)
             raise
+        except ConnectionError as exc:
+            status = 499
+            access_log.info("client went away during %s %s: %s", request.method, request.raw_path, exc)
+            raise asyncio.CancelledError from exc  # aiohttp closes the connection without a traceback
         except Exception:  # a bug: log it here, answer without details
             log.exception("internal error on %s %r", request.method, request.raw_path)
             record.error = "internal"
@@ -248,6 +275,8 @@ class Agent:
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         record: RequestRecord = request["record"]
+        if request.version < (1, 0):
+            return error_response(400, "bad_request", "HTTP/1.0 or newer is required", headers={"Connection": "close"})
         try:
             path, params = parse_target(request.raw_path)
             parts = split_path(path)
@@ -272,9 +301,10 @@ class Agent:
             return error_response(
                 403, "not_exported", "Not inside an export of this agent", num=errno.EACCES, path=path
             )
-        async with self.slots.hold() as ok:
-            if not ok:
-                return busy_response()
+        hold = Hold(self.slots)
+        if not await hold.admit():
+            return busy_response()
+        try:
             try:
                 fd = await self.run(self.exports.open_beneath, found[0], found[1], path)
             except OSError as exc:
@@ -287,7 +317,9 @@ class Agent:
             except OSError as exc:
                 os.close(fd)
                 return os_error_response(exc, path)
-            return await self._stream(request, lister, req.fmt, path)
+            return await self._stream(request, lister, req.fmt, path, hold)
+        finally:
+            hold.release()
 
     async def _control(
         self, request: web.BaseRequest, parts: tuple[bytes, ...], params: dict[str, list[str]]
@@ -338,6 +370,11 @@ class Agent:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, "too_large", "walk request body too large")
+        except (HttpProcessingError, RequestPayloadError, web.HTTPException, ValueError, OSError) as exc:
+            if isinstance(exc, ConnectionError):
+                raise
+            return error_response(400, "bad_request", f"unreadable request body: {exc}",
+                                  headers={"Connection": "close"})
         is_json = request.content_type.startswith("application/json")
         try:
             fmt = single(params, "format", "ndjson" if is_json else "msgpack")
@@ -353,15 +390,19 @@ class Agent:
         problem = validate(req)
         if problem:
             return error_response(400, "bad_request", problem)
-        async with self.slots.hold() as ok:
-            if not ok:
-                return busy_response()
-            return await self._stream(request, SubtreeWalk(self.exports, req, fmt), fmt, None)
+        hold = Hold(self.slots)
+        if not await hold.admit():
+            return busy_response()
+        try:
+            return await self._stream(request, SubtreeWalk(self.exports, req, fmt), fmt, None, hold)
+        finally:
+            hold.release()
 
     async def _stream(
-        self, request: web.BaseRequest, reader: Reader, fmt: str, path: Optional[bytes]
+        self, request: web.BaseRequest, reader: Reader, fmt: str, path: Optional[bytes], hold: Hold
     ) -> web.StreamResponse:
-        """Send what ``reader`` produces: in one piece when it fits one chunk, else streamed."""
+        """Send what ``reader`` produces: in one piece when it fits one chunk, else streamed.
+        The slot is held only while a chunk is read."""
         guard = threading.Lock()
         record: RequestRecord = request["record"]
         if accepts_gzip(request.headers.get("Accept-Encoding", "")):
@@ -372,6 +413,8 @@ class Agent:
                 chunk = await self.run(_locked, guard, reader.read)
             except OSError as exc:
                 return os_error_response(exc, path or b"")
+            finally:
+                hold.release()
             headers = {**_HEADERS, "Content-Type": _CONTENT_TYPES[fmt], **reader.headers}
             record.bytes += len(chunk)
             if reader.done:
@@ -380,6 +423,7 @@ class Agent:
             await resp.prepare(request)
             await resp.write(chunk)
             while not reader.done:
+                await hold.take()
                 try:
                     chunk = await self.run(_locked, guard, reader.read)
                 except OSError as exc:
@@ -390,6 +434,8 @@ class Agent:
                         if request.transport is not None:
                             request.transport.abort()
                         return resp
+                finally:
+                    hold.release()
                 record.bytes += len(chunk)
                 await resp.write(chunk)
             await resp.write_eof()
@@ -445,14 +491,29 @@ def _locked(lock: threading.Lock, fn: Callable[[], T]) -> T:
 
 
 class ProtocolLog(logging.LoggerAdapter):
-    """aiohttp's own log: a malformed request is one line (at -v), not a traceback."""
+    """aiohttp's own log: a malformed request, or a client that went away, is one line
+    (at -v), never a traceback; anything else is logged in full."""
+
+    def _quiet(self, msg: object, args: tuple, exc_info: Any) -> bool:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(exc, (HttpProcessingError, RequestPayloadError)):
+            what = f"rejected a malformed request: {getattr(exc, 'message', None) or exc}"
+        elif isinstance(exc, ConnectionError):
+            what = f"client went away: {exc}"
+        else:
+            return False
+        text = str(msg) % args if args else str(msg)
+        access_log.info("%s (%s)", what, text)
+        return True
 
     def exception(self, msg: object, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
-        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
-        if isinstance(exc, HttpProcessingError):
-            access_log.info("rejected a malformed request (%s %s): %s", msg, args, exc.message or exc)
+        if not self._quiet(msg, args, exc_info):
+            self.logger.error(msg, *args, exc_info=exc_info, **kwargs)
+
+    def debug(self, msg: object, *args: Any, exc_info: Any = None, **kwargs: Any) -> None:
+        if exc_info and self._quiet(msg, args, exc_info):
             return
-        self.logger.error(msg, *args, exc_info=exc_info, **kwargs)
+        self.logger.debug(msg, *args, exc_info=exc_info, **kwargs)
 
 
 def _url(sockname: Any, tls: bool) -> str:
