@@ -9,7 +9,7 @@ from typing import Any, AnyStr, Optional, TypeVar, Union
 
 from .entry import AgentDirEntry
 from .errors import AgentConnectionError
-from .protocol import KIND_DIR, KIND_SYMLINK, Entry
+from .protocol import KIND_DIR, KIND_SYMLINK, Entry, Exclusions
 from .transport import (
     DEFAULT_PORT,
     TRANSIENT_ERRORS,
@@ -125,10 +125,16 @@ class AgentConnection:
             raise result
         return result
 
-    def _list(self, path: AnyStr, want_stat: bool) -> RemoteListing:
+    def listing(self, path: AnyStr, stat: bool = True, exclusions: Optional[Exclusions] = None) -> RemoteListing:
+        """One directory as the agent answered it: its entries (wire form), its own stat
+        record, or in ``error`` the ``OSError`` that kept it from being listed."""
         start = time.perf_counter()
-        listing = self._ask(lambda http: http.listdir(fsencode_path(path), want_stat, path))
+        listing = self._ask(lambda http: http.listdir(fsencode_path(path), stat, path, exclusions))
         self._response_time = time.perf_counter() - start
+        return listing
+
+    def _list(self, path: AnyStr, want_stat: bool) -> RemoteListing:
+        listing = self.listing(path, want_stat)
         if listing.error is not None:
             raise listing.error
         return listing
