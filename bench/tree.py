@@ -58,9 +58,7 @@ _FILE_STEMS = tuple(
     "readme draft scan photo export summary budget contract chunk part "
     "frame sample record backup meeting slide table module".split()
 )
-_EXTENSIONS = tuple(
-    "txt jpg png pdf docx xlsx csv log json py c h html xml mp4 mp3 gz zip bin dat md".split()
-)
+_EXTENSIONS = tuple("txt jpg png pdf docx xlsx csv log json py c h html xml mp4 mp3 gz zip bin dat md".split())
 _BIG_DIR_STYLES = (("IMG_", "jpg"), ("frame_", "png"), ("part-", "parquet"))
 
 # Awkward names given to a few of the planned entries (renamed in place, so the
@@ -368,9 +366,7 @@ def _prepare_root(root: str, marker: str) -> None:
     if os.path.lexists(root):
         ours = os.path.exists(marker)
         if not ours and (not os.path.isdir(root) or os.listdir(root)):
-            raise FileExistsError(
-                f"{root!r} exists, is not empty and has no marker {marker!r}; refusing to delete it"
-            )
+            raise FileExistsError(f"{root!r} exists, is not empty and has no marker {marker!r}; refusing to delete it")
         if ours:
             shutil.rmtree(root)
     os.makedirs(root, exist_ok=True)
@@ -445,9 +441,7 @@ def build_huge_dir(path: str, entries: int = 1_000_000) -> None:
     ):
         return
     if saved is None and os.path.lexists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise FileExistsError(
-            f"{path!r} exists, is not empty and has no marker {marker!r}; refusing to reuse it"
-        )
+        raise FileExistsError(f"{path!r} exists, is not empty and has no marker {marker!r}; refusing to reuse it")
     os.makedirs(path, exist_ok=True)
     _write_marker(marker, {**key, "status": "building"})
 
@@ -518,18 +512,12 @@ def walk_digest(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Build a deterministic synthetic directory tree for walk benchmarks."
-    )
+    parser = argparse.ArgumentParser(description="Build a deterministic synthetic directory tree for walk benchmarks.")
     parser.add_argument("path", help="directory to create (its marker goes beside it)")
     parser.add_argument("--entries", type=int, default=100_000, help="entries to create")
     parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
-    parser.add_argument(
-        "--huge", action="store_true", help="build one flat directory of --entries files instead"
-    )
-    parser.add_argument(
-        "--verify", action="store_true", help="afterwards os.walk the result and print its digest"
-    )
+    parser.add_argument("--huge", action="store_true", help="build one flat directory of --entries files instead")
+    parser.add_argument("--verify", action="store_true", help="afterwards os.walk the result and print its digest")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
