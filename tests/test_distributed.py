@@ -158,3 +158,26 @@ def test_report_queries_match_os_walk(tree, cluster, start_agent, tmp_path):
     for st in files.values():
         by_uid[st.st_uid] = by_uid.get(st.st_uid, 0) + st.st_size
     assert {r[0]: r[2] for r in rows} == by_uid
+
+
+def test_cli_walk_dask_and_report(tree, start_agent, tmp_path):
+    """``diskover-agent walk --dask local:2 -o DIR --format parquet``, then ``report``."""
+    import subprocess
+    import sys
+
+    agents = start_agents(start_agent, tree, 2)
+    cli = str(Path(sys.executable).with_name("diskover-agent"))
+    out = tmp_path / "ds"
+    proc = subprocess.run([cli, "--hosts", ",".join(a.hostspec for a in agents), "walk", "--dask", "local:2",
+                           "-o", str(out), "--format", "parquet", REMOTE], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{len(expected_rows(tree)):,} entries" in proc.stderr
+    check_dataset(out, tree)
+    proc = subprocess.run([cli, "report", str(out), "totals"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    header, values = proc.stdout.splitlines()[1:3]
+    totals = dict(zip(header.split("\t"), map(int, values.split("\t")), strict=True))
+    assert totals["files"] == sum(1 for st in expected_rows(tree).values() if st.st_mode & 0o170000 == 0o100000)
+    bad = subprocess.run([cli, "--hosts", agents[0].hostspec, "walk", "--dask", "local:1", REMOTE],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "-o DIR" in bad.stderr

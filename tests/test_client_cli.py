@@ -1,0 +1,617 @@
+"""The ``diskover-agent`` client command line (ls, walk, du), run as the installed console
+script against real agents on loopback, its output checked against the local file system
+(``os.walk`` + ``os.lstat``, and GNU ``ls``/``du`` where they apply)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import fcntl
+import fnmatch
+import io
+import os
+import pty
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional
+
+import msgspec
+import pytest
+
+from conftest import HAVE_SETPRIV, IS_ROOT, REMOTE, make_awkward_tree, reference_walk
+
+SCRIPT = Path(sys.executable).with_name("diskover-agent")
+FIELDS = ["path", "path_b64", "name", "type", "target_type", "size", "allocated", "blocks", "mode", "uid", "gid",
+          "inode", "nlink", "dev", "atime", "mtime", "ctime", "atime_ns", "mtime_ns", "ctime_ns"]
+TYPES = {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo",
+         stat.S_IFSOCK: "socket", stat.S_IFCHR: "char", stat.S_IFBLK: "block"}
+RB = REMOTE.encode()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _script_installed() -> None:
+    if not SCRIPT.exists():
+        pytest.fail(f"console script {SCRIPT} is not installed (pip install -e .)")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DISKOVER_AGENT_HOSTS", "DISKOVER_AGENT_TOKEN")}
+    env.update(extra)
+    return env
+
+
+def cli(*args: str, env: Optional[dict[str, str]] = None, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """Run the console script with exactly these arguments; stdout and stderr as bytes."""
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                          env=env if env is not None else clean_env())
+
+
+def hosts_of(*agents) -> str:
+    return ",".join(a.hostspec for a in agents)
+
+
+# -- trees and the local reference ----------------------------------------------------------------
+
+def warm(top: Path) -> None:
+    """Read every directory and follow every symlink once, as the walks will: with relatime the
+    first read moves atimes, later ones do not, so the agent and the reference see the same."""
+    for root, dirs, files in os.walk(os.fsencode(top)):
+        for name in dirs + files:
+            try:
+                os.stat(os.path.join(root, name))
+            except OSError:
+                pass
+
+
+def readable_tree(tmp_path: Path) -> Path:
+    """The awkward tree (every kind of name and entry) with everything readable, plus hard links,
+    a sparse file and an old file."""
+    tmp_path.chmod(0o755)
+    top = make_awkward_tree(tmp_path)
+    for sub in ("locked", "noexec"):
+        os.chmod(top / sub, 0o755)
+    (top / "plain" / "hl1").write_bytes(b"h" * 3000)
+    os.link(top / "plain" / "hl1", top / "plain" / "hl2")
+    with open(top / "sparse", "wb") as f:
+        f.truncate(1 << 20)
+        f.write(b"data")
+    (top / "old").write_bytes(b"o")
+    os.utime(top / "old", (978307200, 978307200))
+    warm(top)
+    return top
+
+
+def remote_of(local_top: Path, path: bytes) -> bytes:
+    lb = os.fsencode(local_top)
+    assert path.startswith(lb)
+    return RB + path[len(lb):]
+
+
+def expected_record(remote: bytes, local: bytes) -> dict:
+    st = os.lstat(local)
+    kind = TYPES.get(stat.S_IFMT(st.st_mode), "unknown")
+    target = None
+    if kind == "symlink":
+        try:
+            target = TYPES.get(stat.S_IFMT(os.stat(local).st_mode), "unknown")
+        except OSError:
+            target = None
+    try:
+        path, b64 = remote.decode("utf-8"), None
+    except UnicodeDecodeError:
+        path, b64 = remote.decode("utf-8", "replace"), base64.b64encode(remote).decode()
+    return {
+        "path": path, "path_b64": b64, "name": os.path.basename(remote).decode("utf-8", "replace"),
+        "type": kind, "target_type": target, "size": st.st_size, "allocated": st.st_blocks * 512,
+        "blocks": st.st_blocks, "mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid, "inode": st.st_ino,
+        "nlink": st.st_nlink, "dev": st.st_dev, "atime": st.st_atime, "mtime": st.st_mtime, "ctime": st.st_ctime,
+        "atime_ns": st.st_atime_ns, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+    }
+
+
+def excluded(name: bytes, remote: bytes, patterns: list[str]) -> bool:
+    for p in map(os.fsencode, patterns):
+        if fnmatch.fnmatchcase(remote if b"/" in p else name, p):
+            return True
+    return False
+
+
+def local_walk(top: Path, maxdepth: Optional[int] = None, exclude: tuple[str, ...] = ()) -> dict[bytes, dict]:
+    """What ``walk`` must print: os.walk of the local tree, pruned the same way, by remote path."""
+    lb = os.fsencode(top)
+    out: dict[bytes, dict] = {}
+    for root, dirs, files in os.walk(lb):
+        rel = root[len(lb):].strip(b"/")
+        depth = rel.count(b"/") + 1 if rel else 0
+        rroot = remote_of(top, root)
+        dirs[:] = [d for d in dirs if not excluded(d, rroot + b"/" + d, list(exclude))]
+        names = dirs + [f for f in files if not excluded(f, rroot + b"/" + f, list(exclude))]
+        if maxdepth is not None and depth + 1 >= maxdepth:
+            dirs[:] = []
+            if depth + 1 > maxdepth:
+                continue
+        for name in names:
+            remote = rroot + b"/" + name
+            out[remote] = expected_record(remote, os.path.join(root, name))
+    return out
+
+
+def raw_path(record: dict) -> bytes:
+    return base64.b64decode(record["path_b64"]) if record["path_b64"] is not None else record["path"].encode()
+
+
+def parse_ndjson(data: bytes) -> dict[bytes, dict]:
+    records = [msgspec.json.decode(line) for line in data.splitlines()]
+    by_path = {raw_path(r): r for r in records}
+    assert len(by_path) == len(records), "an entry was written twice"
+    return by_path
+
+
+# -- ls --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def ls_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "lsdir"
+    d.mkdir()
+    (d / "file").write_bytes(b"x" * 1234)
+    (d / "sub").mkdir()
+    os.symlink("file", d / "link")
+    os.mkfifo(d / "fifo")
+    (d / "old").write_bytes(b"")
+    os.utime(d / "old", (978307200, 978307200))
+    with open(os.path.join(os.fsencode(d), b"bad\xffname"), "wb") as f:
+        f.write(b"y" * 70000)
+    if IS_ROOT:
+        os.chown(d / "file", 4242, 4343)  # no such user here: shown as numbers
+    return d
+
+
+def test_ls_names_sorted_by_bytes(ls_dir, start_agent):
+    agent = start_agent([(REMOTE, str(ls_dir))])
+    r = cli("--hosts", agent.hostspec, "ls", REMOTE)
+    assert r.returncode == 0, r.stderr
+    names = sorted(os.listdir(os.fsencode(ls_dir)))
+    assert r.stdout == b"".join(n + b"\n" for n in names)
+    assert r.stderr == b""
+
+
+def ls_time(mtime: float) -> str:
+    lt = time.localtime(mtime)
+    recent = time.time() - 31_556_952 // 2 < mtime <= time.time()
+    return time.strftime("%b %e %H:%M" if recent else "%b %e  %Y", lt)
+
+
+@pytest.mark.parametrize("numeric", [False, True])
+def test_ls_long_matches_lstat(ls_dir, start_agent, numeric):
+    agent = start_agent([(REMOTE, str(ls_dir))])
+    r = cli("--hosts", agent.hostspec, "ls", "-l", *(["-n"] if numeric else []), REMOTE)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split(b"\n")
+    assert lines[-1] == b""
+    names = sorted(os.listdir(os.fsencode(ls_dir)))
+    sts = {n: os.lstat(os.path.join(os.fsencode(ls_dir), n)) for n in names}
+    assert lines[0] == f"total {-(-sum(st.st_blocks for st in sts.values()) * 512 // 1024)}".encode()
+    assert len(lines) == len(names) + 2
+    for line, name in zip(lines[1:-1], names, strict=True):
+        fields = line.split(None, 8)
+        st = sts[name]
+        mode, nlink, owner, group, size, mon, day, hhmm_or_year, shown = fields
+        assert mode.decode() == stat.filemode(st.st_mode)
+        assert int(nlink) == st.st_nlink
+        if numeric:
+            assert (int(owner), int(group)) == (st.st_uid, st.st_gid)
+        else:
+            try:
+                want = pwd.getpwuid(st.st_uid).pw_name
+            except KeyError:
+                want = str(st.st_uid)
+            assert owner.decode() == want
+        assert int(size) == st.st_size
+        assert b" ".join([mon, day, hhmm_or_year]).decode() == " ".join(ls_time(st.st_mtime).split())
+        assert shown == name  # exact bytes; a symlink's target is not shown (the agent does not send it)
+
+
+def test_ls_long_like_gnu_ls(ls_dir, start_agent):
+    """Column for column what ``LC_ALL=C ls -l`` (``-n``, ``-h``) prints, but for a symlink's ``-> target``."""
+    if shutil.which("ls") is None:
+        pytest.skip("no ls")
+    agent = start_agent([(REMOTE, str(ls_dir))])
+    env = clean_env(LC_ALL="C")
+    env.pop("TIME_STYLE", None)
+    env.pop("QUOTING_STYLE", None)
+    env.pop("BLOCK_SIZE", None)
+    env.pop("LS_BLOCK_SIZE", None)
+    for options in (["-l"], ["-l", "-n"], ["-l", "-h"]):
+        ours = cli("--hosts", agent.hostspec, "ls", *options, REMOTE, env=env)
+        theirs = subprocess.run(["ls", *options, "-N", str(ls_dir)], capture_output=True, env=env, check=True).stdout
+        theirs = b"\n".join(line.split(b" -> ")[0] if line.startswith(b"l") else line for line in theirs.split(b"\n"))
+        assert ours.returncode == 0, ours.stderr
+        assert ours.stdout == theirs, options
+
+
+def test_ls_error_and_env_hosts(ls_dir, start_agent):
+    agent = start_agent([(REMOTE, str(ls_dir))])
+    env = clean_env(DISKOVER_AGENT_HOSTS=agent.hostspec)
+    assert cli("ls", REMOTE, env=env).returncode == 0
+    r = cli("-q", "walk", REMOTE, env=env)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == len(os.listdir(ls_dir))  # "sub" is empty
+    r = cli("ls", REMOTE + "/nope", env=env)
+    assert r.returncode == 1
+    assert r.stderr == f"diskover-agent: {REMOTE}/nope: No such file or directory\n".encode()
+    r = cli("ls", REMOTE + "/file", env=env)
+    assert (r.returncode, r.stderr) == (1, f"diskover-agent: {REMOTE}/file: Not a directory\n".encode())
+
+
+def test_names_escaped_on_a_terminal_exact_otherwise(tmp_path, start_agent):
+    top = tmp_path / "names"
+    top.mkdir()
+    for raw in (b"new\nline", b"esc\x1b[31mred", b"bad\xff", "ünï".encode()):
+        (top / os.fsdecode(raw)).mkdir()
+    agent = start_agent([(REMOTE, str(top))])
+    names = sorted(os.listdir(os.fsencode(top)))
+    assert cli("--hosts", agent.hostspec, "ls", REMOTE).stdout == b"".join(n + b"\n" for n in names)
+    rc, seen = run_on_terminal("--hosts", agent.hostspec, "ls", REMOTE, stream="stdout")
+    assert rc == 0
+    assert seen.split(b"\r\n") == [b"bad\\xff", b"esc\\x1b[31mred", b"new\\nline", "ünï".encode(), b""]
+    rc, seen = run_on_terminal("--hosts", agent.hostspec, "-q", "du", REMOTE, stream="stdout")
+    assert rc == 0 and b"\t/mnt/isilon/new\\nline\r\n" in seen and b"\x1b" not in seen
+
+
+# -- walk ------------------------------------------------------------------------------------
+
+def test_walk_ndjson_equals_local_walk(tmp_path, start_agent):
+    top = readable_tree(tmp_path)
+    a, b = start_agent([(REMOTE, str(top))]), start_agent([(REMOTE, str(top))])
+    r = cli("--hosts", hosts_of(a, b), "walk", REMOTE)
+    assert r.returncode == 0, r.stderr
+    got = parse_ndjson(r.stdout)
+    want = local_walk(top)
+    assert got.keys() == want.keys()
+    for path in want:
+        assert got[path] == want[path], path
+    assert list(next(iter(got.values()))) == FIELDS  # key order is the documented column order
+    bad = RB + b"/bad\xff\xfename/inner\xff"
+    assert got[bad]["path"] == f"{REMOTE}/bad\ufffd\ufffdname/inner\ufffd"
+    assert base64.b64decode(got[bad]["path_b64"]) == bad
+    assert got[RB + b"/link-to-dir"]["target_type"] == "dir"
+    assert got[RB + b"/dangling"]["target_type"] is None
+    assert got[RB + b"/plain/hl1"]["allocated"] == got[RB + b"/plain/hl1"]["blocks"] * 512
+    # the summary line
+    assert r.stderr.count(b"\n") == 1
+    assert r.stderr.startswith(f"diskover-agent: {1 + sum(r['type'] == 'dir' for r in want.values())} directories, "
+                               f"{len(want):,} entries, ".encode()), r.stderr
+
+
+def test_walk_csv_to_file_equals_local_walk(tmp_path, start_agent):
+    top = readable_tree(tmp_path)
+    agent = start_agent([(REMOTE, str(top))])
+    out = tmp_path / "walk.csv"
+    r = cli("--hosts", agent.hostspec, "-q", "walk", "--format", "csv", "-o", str(out), REMOTE)
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+    rows = list(csv.reader(io.StringIO(out.read_text(encoding="utf-8"), newline="")))
+    assert rows[0] == FIELDS
+    got = {}
+    for row in rows[1:]:
+        rec = dict(zip(FIELDS, row, strict=True))
+        got[base64.b64decode(rec["path_b64"]) if rec["path_b64"] else rec["path"].encode()] = rec
+    assert len(got) == len(rows) - 1
+    want = {p: {k: "" if v is None else str(v) for k, v in rec.items()} for p, rec in local_walk(top).items()}
+    assert got == want
+
+
+@pytest.mark.parametrize(("maxdepth", "exclude"), [
+    (None, ("plain", "*.txt", f"{REMOTE}/deep/a/*")),
+    (0, ()),
+    (1, ()),
+    (2, ("with space", "#")),
+    (3, ("[eh]*",)),
+])
+def test_walk_maxdepth_and_exclude_like_os_walk_pruning(tmp_path, start_agent, maxdepth, exclude):
+    top = readable_tree(tmp_path)
+    agent = start_agent([(REMOTE, str(top))])
+    args = [] if maxdepth is None else ["--maxdepth", str(maxdepth)]
+    for pattern in exclude:
+        args += ["--exclude", pattern]
+    r = cli("--hosts", agent.hostspec, "walk", *args, REMOTE)
+    assert r.returncode == 0, r.stderr
+    got = parse_ndjson(r.stdout)
+    want = local_walk(top, maxdepth, exclude)
+    assert got.keys() == want.keys()
+    assert got == want
+    if maxdepth == 1:
+        assert want.keys() == {RB + b"/" + n for n in os.listdir(os.fsencode(top))}
+
+
+@pytest.mark.skipif(IS_ROOT and not HAVE_SETPRIV, reason="root without setpriv reads every directory")
+def test_walk_unreadable_directories_exit_1(awkward_tree, start_agent):
+    agent = start_agent([(REMOTE, str(awkward_tree))], nocaps=True)
+    r = cli("--hosts", agent.hostspec, "walk", REMOTE)
+    assert r.returncode == 1, r.stderr
+    walked, errors = reference_walk(awkward_tree)
+    assert errors, "the tree has unreadable directories"
+    lines = r.stderr.decode().splitlines()
+    for num, path in errors:
+        assert f"diskover-agent: {path.decode()}: {os.strerror(num)}" in lines
+    assert lines[-1].startswith("diskover-agent: ") and f"{len(errors)} error" in lines[-1]
+    got = parse_ndjson(r.stdout)
+    assert got.keys() == {os.path.join(root, n) for root, dirs, files in walked for n in dirs + files}
+    # entries of a directory that can be read but not searched are listed without their stat
+    child = got[RB + b"/noexec/child"]
+    assert child["type"] == "dir" and child["size"] is None and child["mtime_ns"] is None
+
+
+# -- du --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def du_tree(tmp_path: Path) -> Path:
+    top = tmp_path / "du"
+    for d in ("a/b/c", "a/empty", "big", "links", "other"):
+        (top / d).mkdir(parents=True)
+    (top / "a" / "f1").write_bytes(b"1" * 10_000)
+    (top / "a" / "b" / "f2").write_bytes(b"2" * 300)
+    (top / "a" / "b" / "c" / "f3").write_bytes(b"3" * 5_000_000)
+    with open(top / "big" / "sparse", "wb") as f:
+        f.truncate(50_000_000)
+        f.write(b"s" * 8192)
+    (top / "links" / "one").write_bytes(b"L" * 70_000)
+    os.link(top / "links" / "one", top / "links" / "two")  # same inode twice in one directory
+    os.symlink("../a", top / "links" / "sym")
+    os.mkfifo(top / "other" / "fifo")
+    with open(os.path.join(os.fsencode(top), b"other", b"n\xe9e"), "wb") as f:
+        f.write(b"x" * 4097)
+    warm(top)
+    return top
+
+
+def local_du(top: Path) -> dict[bytes, tuple[int, int, int]]:
+    """Per-directory ``(files, apparent, allocated)`` totals, everything below included, each
+    inode counted once (in the directory of its first path in byte order)."""
+    lb = os.fsencode(top)
+    own: dict[bytes, list[int]] = {}
+    inodes: dict[tuple[int, int], tuple[bytes, bytes, os.stat_result]] = {}
+    for root, dirs, files in os.walk(lb):
+        r = remote_of(top, root)
+        st = os.lstat(root)
+        own.setdefault(r, [0, 0, 0])[1:] = [st.st_size, st.st_blocks * 512]
+        for name in dirs + files:
+            st = os.lstat(os.path.join(root, name))
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key not in inodes or r + b"/" + name < inodes[key][0]:
+                inodes[key] = (r + b"/" + name, r, st)
+    for _path, r, st in inodes.values():
+        own[r][0] += 1
+        own[r][1] += st.st_size
+        own[r][2] += st.st_blocks * 512
+    return {d: tuple(sum(own[x][i] for x in own if x == d or x.startswith(d + b"/")) for i in range(3))
+            for d in own}
+
+
+def parse_du(out: bytes) -> list[tuple[bytes, int, bytes]]:
+    rows = []
+    for line in out.splitlines():
+        size, files, path = line.split(b"\t", 2)
+        rows.append((size, int(files), path))
+    return rows
+
+
+def gnu_du(top: Path, *args: str) -> dict[bytes, bytes]:
+    if shutil.which("du") is None:
+        pytest.skip("no du")
+    out = subprocess.run(["du", *args, str(top)], capture_output=True, check=True, env=clean_env(LC_ALL="C")).stdout
+    return {remote_of(top, path): size for size, path in (line.split(b"\t", 1) for line in out.splitlines())}
+
+
+@pytest.mark.parametrize("options", [(), ("--apparent-size",), ("-h",), ("-h", "--apparent-size")])
+def test_du_equals_local_totals_and_gnu_du(du_tree, start_agent, options):
+    agent = start_agent([(REMOTE, str(du_tree))])
+    r = cli("--hosts", agent.hostspec, "du", *options, REMOTE)
+    assert r.returncode == 0, r.stderr
+    rows = parse_du(r.stdout)
+    *dirs, total = rows
+    want = local_du(du_tree)
+    which = 1 if "--apparent-size" in options else 2
+    assert {p: f for _s, f, p in dirs} == {p: t[0] for p, t in want.items()}
+    if "-h" not in options:
+        assert {p: int(s) for s, _f, p in dirs} == {p: t[which] for p, t in want.items()}
+        assert [int(s) for s, _f, _p in dirs] == sorted((int(s) for s, _f, _p in dirs), reverse=True)
+    gnu = gnu_du(du_tree, *(["-h"] if "-h" in options else ["-B1"]), *(["--apparent-size"] if which == 1 else []))
+    assert {p: s for s, _f, p in dirs} == gnu  # GNU du agrees, hard link counted once
+    assert total == (gnu[RB], want[RB][0], b"total")
+    assert dirs[0][2] == RB  # largest first: the top holds everything
+
+
+def test_du_max_depth_summarize_and_cross_directory_hard_link(du_tree, start_agent):
+    os.link(du_tree / "links" / "one", du_tree / "a" / "b" / "three")  # now also in another directory
+    warm(du_tree)
+    agent = start_agent([(REMOTE, str(du_tree))])
+    want = local_du(du_tree)
+    r = cli("--hosts", agent.hostspec, "-q", "du", "--max-depth", "1", REMOTE)
+    assert r.returncode == 0, r.stderr
+    *dirs, total = parse_du(r.stdout)
+    depth1 = {p: t for p, t in want.items() if p == RB or p.count(b"/") == RB.count(b"/") + 1}
+    assert {p: (f, int(s)) for s, f, p in dirs} == {p: (t[0], t[2]) for p, t in depth1.items()}
+    assert want[RB + b"/a"][0] == 4 and want[RB + b"/links"][0] == 1  # "a/b/three" < "links/one": counted in a
+    assert total == (str(want[RB][2]).encode(), want[RB][0], b"total")
+    assert gnu_du(du_tree, "-B1", "-s")[RB] == total[0]
+    r = cli("--hosts", agent.hostspec, "-q", "du", "-s", "-h", REMOTE)
+    assert r.stdout.splitlines()[0].split(b"\t") == [gnu_du(du_tree, "-h", "-s")[RB], str(want[RB][0]).encode(), RB]
+    assert cli("--hosts", agent.hostspec, "du", "--help").stdout.startswith(b"usage: diskover-agent du")
+
+
+# -- exit status 2: nothing to talk to, refused, bad arguments ------------------------------------
+
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A loopback port that refuses connections (bound, never listening)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", [["ls", REMOTE], ["walk", REMOTE], ["du", REMOTE]])
+def test_no_reachable_agent_exit_2(dead_port, command):
+    started = time.monotonic()
+    r = cli("--hosts", f"127.0.0.1:{dead_port}", *command)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"diskover-agent: no agent reachable: 127.0.0.1:{dead_port}: ".encode()), r.stderr
+    assert r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr
+    assert r.stdout == b""
+    assert time.monotonic() - started < 10
+
+
+def test_token(tmp_path, start_agent):
+    top = tmp_path / "t"
+    (top / "d").mkdir(parents=True)
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    wrong = tmp_path / "wrong"
+    wrong.write_text("nope")
+    agent = start_agent([(REMOTE, str(top))], extra=("--token-file", str(token)))
+    for command in (["ls", REMOTE], ["walk", REMOTE], ["du", REMOTE]):
+        for creds, env in (([], clean_env()), (["--token-file", str(wrong)], clean_env())):
+            r = cli("--hosts", agent.hostspec, *creds, *command, env=env)
+            assert r.returncode == 2, (command, r.stderr)
+            assert r.stderr.startswith(f"diskover-agent: {agent.hostspec}: HTTP 401 unauthorized".encode())
+            assert r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr
+        assert cli("--hosts", agent.hostspec, "--token-file", str(token), "-q", *command).returncode == 0
+        assert cli("--hosts", agent.hostspec, "-q", *command,
+                   env=clean_env(DISKOVER_AGENT_TOKEN="s3cret-token")).returncode == 0
+
+
+@pytest.mark.parametrize("args", [
+    ["walk", REMOTE],                                   # no hosts at all
+    ["--hosts", "h:99999", "walk", REMOTE],             # bad port
+    ["--hosts", "h", "--workers", "0", "walk", REMOTE],
+    ["--hosts", "h", "walk"],                           # no PATH
+    ["--hosts", "h", "walk", "relative/path"],
+    ["--hosts", "h", "walk", "--maxdepth", "-1", REMOTE],
+    ["--hosts", "h", "--token-file", "/nonexistent/token", "ls", REMOTE],
+    ["--hosts", "h", "frobnicate"],
+])
+def test_bad_arguments_exit_2(args):
+    r = cli(*args)
+    assert r.returncode == 2, r
+    assert b"Traceback" not in r.stderr and r.stderr.strip()
+
+
+# -- progress display, summary, interruption ---------------------------------------------------------
+
+def run_on_terminal(*args: str, stream: str = "stderr") -> tuple[int, bytes]:
+    """Run the script with stderr (or stdout) on a pseudo-terminal, the other stream to /dev/null;
+    what the terminal got."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    streams = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, stream: slave}
+    proc = subprocess.Popen([str(SCRIPT), *args], stdin=subprocess.DEVNULL, env=clean_env(), **streams)
+    os.close(slave)
+    seen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every writer is gone
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+    return proc.wait(30), seen
+
+
+@pytest.fixture
+def wide_tree(tmp_path: Path) -> Path:
+    top = tmp_path / "wide"
+    for d in range(20):
+        sub = top / f"d{d:02}"
+        sub.mkdir(parents=True)
+        for f in range(250):
+            (sub / f"file-{f:04}").write_bytes(b"")
+    return top
+
+
+def test_progress_on_a_terminal_only(wide_tree, tmp_path, start_agent):
+    a, b = start_agent([(REMOTE, str(wide_tree))]), start_agent([(REMOTE, str(wide_tree))])
+    hosts = hosts_of(a, b)
+    out = str(tmp_path / "out.ndjson")
+    rc, seen = run_on_terminal("--hosts", hosts, "walk", "-o", out, REMOTE)
+    assert rc == 0, seen
+    text = seen.decode()
+    assert "\r" in text and " dirs/s" in text  # tqdm's live line, rewritten in place
+    assert "21 dirs (" in text and "5.02k entries" in text and "hosts 2/2" in text and "0 errors" in text
+    assert text.rstrip().splitlines()[-1].split("\r")[-1].startswith("diskover-agent: 21 directories, 5,020 entries")
+    # stderr a pipe: only the summary line
+    r = cli("--hosts", hosts, "walk", "-o", out, REMOTE)
+    assert r.returncode == 0
+    assert b"\r" not in r.stderr and b"dirs/s" not in r.stderr
+    assert r.stderr.count(b"\n") == 1 and r.stderr.startswith(b"diskover-agent: 21 directories, 5,020 entries, ")
+    # -q: neither the display nor the summary, on a terminal or not
+    assert run_on_terminal("--hosts", hosts, "-q", "walk", "-o", out, REMOTE) == (0, b"")
+    r = cli("--hosts", hosts, "-q", "du", REMOTE)
+    assert (r.returncode, r.stderr) == (0, b"")
+    rc, seen = run_on_terminal("--hosts", hosts, "du", "-s", REMOTE)
+    assert rc == 0 and b" dirs/s" in seen and b"diskover-agent: 21 directories" in seen
+
+
+def test_ctrl_c_exits_130_cleanly(wide_tree, start_agent):
+    """SIGINT while the walk is held up writing (nobody reads its stdout): 130, no traceback."""
+    agent = start_agent([(REMOTE, str(wide_tree))])
+    # run with SIGINT at its default even when these tests run with it ignored (a background job)
+    shim = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+    proc = subprocess.Popen([sys.executable, "-c", shim, str(SCRIPT), "--hosts", agent.hostspec, "walk", REMOTE],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # it is walking; ~1.8 MB more to write is more than a pipe holds
+    assert first.startswith(b'{"path":')
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
+    assert len(first) + len(out) < 1_000_000
+
+
+def test_closed_output_pipe_exits_quietly(wide_tree, start_agent):
+    agent = start_agent([(REMOTE, str(wide_tree))])
+    proc = subprocess.Popen([str(SCRIPT), "--hosts", agent.hostspec, "walk", REMOTE], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b'{"path":')
+    proc.stdout.close()  # like `| head -1`
+    err = proc.stderr.read()
+    assert proc.wait(20) == 141
+    assert err == b""
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+def test_tls_options(tmp_path, start_agent):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    server.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    server.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    top = tmp_path / "t"
+    (top / "sub").mkdir(parents=True)
+    agent = start_agent([(REMOTE, str(top))],
+                        extra=("--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")))
+    h = agent.hostspec
+    for command in (["ls", REMOTE], ["walk", REMOTE], ["du", REMOTE]):
+        r = cli("--hosts", h, "--cafile", str(tmp_path / "ca.pem"), "-q", *command)
+        assert r.returncode == 0, r.stderr
+        assert cli("--hosts", h, "--tls", "--insecure", "-q", *command).returncode == 0
+        r = cli("--hosts", h, "--tls", *command)  # the system's CAs do not know this one
+        assert r.returncode == 2 and b"CERTIFICATE_VERIFY_FAILED" in r.stderr, r.stderr
+        assert r.stderr.count(b"\n") == 1
