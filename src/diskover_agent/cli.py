@@ -36,7 +36,7 @@ from . import __version__
 from .connection import AgentConnection, parse_hosts
 from .entry import AgentDirEntry, make_stat
 from .errors import AgentConnectionError, AgentError, AgentHTTPError
-from .protocol import KIND_DIR, KIND_FILE, KIND_SYMLINK, Entry, Exclusions
+from .protocol import KIND_DIR, KIND_FILE, KIND_NAMES, KIND_SYMLINK, Entry, Exclusions
 from .transport import DEFAULT_PORT, TRANSIENT_ERRORS, AgentHTTP, ClientOptions, HostAddress
 from .walk import DEFAULT_RETRY_FOR, Walker
 
@@ -50,8 +50,7 @@ EXIT_INTERRUPTED = 130
 EXIT_PIPE = 141
 
 #: The ``type`` of an entry in walk output, by the wire's one-letter kind.
-TYPES = {"d": "dir", "f": "file", "l": "symlink", "p": "fifo", "s": "socket", "c": "char", "b": "block",
-         "?": "unknown"}
+TYPES = KIND_NAMES
 
 #: The columns of ``walk`` output, in order (NDJSON keys, CSV header).
 FIELDS = (

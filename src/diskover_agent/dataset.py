@@ -33,10 +33,9 @@ from typing import Any, Optional
 
 import msgspec
 
-from .protocol import Entry, errno_name
+from .protocol import KIND_NAMES, Entry, errno_name
 
-TYPES = {"d": "dir", "f": "file", "l": "symlink", "p": "fifo", "s": "socket", "c": "char", "b": "block",
-         "?": "unknown"}
+TYPES = KIND_NAMES
 FORMATS = ("parquet", "ndjson")
 _STAT_COLUMNS = ("mode", "ino", "dev", "nlink", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns", "blocks")
 # positions of those fields in the wire's stat record

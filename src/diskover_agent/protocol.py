@@ -58,6 +58,12 @@ KIND_CHAR = "c"
 KIND_BLOCK = "b"
 KIND_UNKNOWN = "?"
 
+#: The kinds by name, as the command line and the dataset write them.
+KIND_NAMES = {
+    KIND_DIR: "dir", KIND_FILE: "file", KIND_SYMLINK: "symlink", KIND_FIFO: "fifo", KIND_SOCKET: "socket",
+    KIND_CHAR: "char", KIND_BLOCK: "block", KIND_UNKNOWN: "unknown",
+}
+
 STAT_FIELDS = (
     "st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size",
     "st_atime_ns", "st_mtime_ns", "st_ctime_ns", "st_blocks", "st_blksize", "st_rdev",
