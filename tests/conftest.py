@@ -84,9 +84,8 @@ class Agent:
             self.kill()
 
 
-@pytest.fixture
-def start_agent() -> Iterator:
-    """Start agents; every one started is stopped (by its PID) at the end."""
+def agent_starter() -> Iterator:
+    """A function that starts agents; every one started is stopped (by its PID) at the end."""
     started: list[Agent] = []
 
     def start(exports: list[tuple[str, str]], **kwargs) -> Agent:
@@ -97,6 +96,75 @@ def start_agent() -> Iterator:
     yield start
     for agent in started:
         agent.stop()
+
+
+start_agent = pytest.fixture(agent_starter, name="start_agent")
+
+
+class FrontServer:
+    """A small HTTP server of the test's own (aiohttp, in a thread) that stands in front
+    of a real agent: subclasses answer in ``handle``, or ``forward`` to the agent."""
+
+    def __init__(self, upstream_port: int) -> None:
+        import asyncio
+
+        self.upstream_port = upstream_port
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(started,), daemon=True)
+        self.thread.start()
+        assert started.wait(10)
+        self.hostspec = f"127.0.0.1:{self.port}"
+
+    def _run(self, started: threading.Event) -> None:
+        import asyncio
+
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._start())
+        started.set()
+        self.loop.run_forever()
+
+    async def _start(self) -> None:
+        from aiohttp import web
+
+        self.runner = web.ServerRunner(web.Server(self.handle))
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.port = self.runner.addresses[0][1]
+
+    async def handle(self, request):  # pragma: no cover - subclasses answer
+        raise NotImplementedError
+
+    async def forward(self, request, body: bytes = b""):
+        """The agent's answer to the same request."""
+        import http.client
+
+        from aiohttp import web
+
+        def call() -> tuple[int, dict, bytes]:
+            conn = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=30)
+            try:
+                headers = {k: v for k, v in request.headers.items()
+                           if k.lower() in ("content-type", "accept", "accept-encoding", "authorization")}
+                conn.request(request.method, request.raw_path, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                keep = {k: v for k, v in resp.getheaders()
+                        if k.lower() in ("content-type", "content-encoding", "x-diskover-agent-protocol",
+                                         "retry-after")}
+                return resp.status, keep, resp.read()
+            finally:
+                conn.close()
+
+        status, headers, data = await self.loop.run_in_executor(None, call)
+        return web.Response(status=status, body=data, headers=headers)
+
+    def close(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
 
 
 # -- trees -----------------------------------------------------------------------------

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import http.client
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ from diskover_agent import AgentConnection, parallel_walk
 from diskover_agent.errors import AgentConnectionError
 from diskover_agent.protocol import PROTOCOL_HEADER
 
-from conftest import HAVE_SETPRIV, IS_ROOT, REMOTE, as_bytes_rows, reference_walk
+from conftest import HAVE_SETPRIV, IS_ROOT, REMOTE, FrontServer, as_bytes_rows, reference_walk
 
 needs_nocaps = pytest.mark.skipif(IS_ROOT and not HAVE_SETPRIV, reason="needs setpriv to drop root's capabilities")
 
@@ -261,37 +259,19 @@ def test_unreadable_directory_reported_once(locked_tree, start_agent):
 
 # -- 503: retried after Retry-After --------------------------------------------------------------
 
-class BusyFront:
+class BusyFront(FrontServer):
     """A front for a real agent that answers its first ``busy`` requests 503 with
     ``Retry-After: 1`` (as an overloaded agent does, after ``latency`` seconds: an overloaded
     machine is slow to answer), then forwards to the agent."""
 
     def __init__(self, upstream_port: int, busy: int, latency: float = 0.0) -> None:
-        self.upstream_port = upstream_port
         self.busy_left = busy
         self.latency = latency
         self.refused: list[float] = []
         self.forwarded: list[float] = []
-        self.loop = asyncio.new_event_loop()
-        started = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(started,), daemon=True)
-        self.thread.start()
-        assert started.wait(10)
-        self.hostspec = f"127.0.0.1:{self.port}"
+        super().__init__(upstream_port)
 
-    def _run(self, started: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._start())
-        started.set()
-        self.loop.run_forever()
-
-    async def _start(self) -> None:
-        self.runner = web.ServerRunner(web.Server(self._handle))
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        self.port = self.runner.addresses[0][1]
-
-    async def _handle(self, request: web.BaseRequest) -> web.Response:
+    async def handle(self, request: web.BaseRequest) -> web.Response:
         body = await request.read()
         if self.busy_left > 0:
             self.busy_left -= 1
@@ -301,28 +281,7 @@ class BusyFront:
                                 body=b'{"error":"busy","message":"the agent is at its limit; retry later"}',
                                 headers={PROTOCOL_HEADER: "1", "Retry-After": "1"})
         self.forwarded.append(time.monotonic())
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() in ("content-type", "accept", "accept-encoding", "authorization")}
-        status, out_headers, data = await self.loop.run_in_executor(
-            None, self._forward, request.method, request.raw_path, headers, body)
-        return web.Response(status=status, body=data, headers=out_headers)
-
-    def _forward(self, method: str, target: str, headers: dict, body: bytes) -> tuple[int, dict, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=10)
-        try:
-            conn.request(method, target, body=body or None, headers=headers)
-            resp = conn.getresponse()
-            keep = {k: v for k, v in resp.getheaders()
-                    if k.lower() in ("content-type", "content-encoding", PROTOCOL_HEADER.lower(), "retry-after")}
-            return resp.status, keep, resp.read()
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        return await self.forward(request, body)
 
 
 @pytest.mark.parametrize("mode", ["subtree", "listdir"])

@@ -3,9 +3,7 @@ against an agent that does not offer the subtree walk."""
 
 from __future__ import annotations
 
-import asyncio
 import http.client
-import threading
 import zlib
 from collections.abc import Iterator
 
@@ -16,7 +14,7 @@ from diskover_agent import parallel_walk
 from diskover_agent.protocol import PROTOCOL_HEADER, read_frames
 from diskover_agent.walk import Walker
 
-from conftest import REMOTE, as_bytes_rows, reference_walk
+from conftest import REMOTE, FrontServer, as_bytes_rows, reference_walk
 
 
 def test_gzip_answers_when_asked(awkward_tree, start_agent):
@@ -55,53 +53,19 @@ def test_compressed_walk_is_exact(awkward_tree, start_agent, mode):
     assert as_bytes_rows(rows) == expected
 
 
-class ListingOnlyAgent:
+class ListingOnlyAgent(FrontServer):
     """A front for a real agent that forwards listings and has no subtree walk,
     like an agent that predates it."""
 
     def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
         self.walk_requests = 0
-        self.loop = asyncio.new_event_loop()
-        started = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(started,), daemon=True)
-        self.thread.start()
-        started.wait(10)
+        super().__init__(upstream_port)
 
-    def _run(self, started: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._start())
-        started.set()
-        self.loop.run_forever()
-
-    async def _start(self) -> None:
-        self.runner = web.ServerRunner(web.Server(self._handle))
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        self.port = self.runner.addresses[0][1]
-
-    async def _handle(self, request: web.BaseRequest) -> web.Response:
+    async def handle(self, request: web.BaseRequest) -> web.Response:
         if request.raw_path.startswith("/_agent/"):
             self.walk_requests += 1
             return web.Response(status=404, text="no such endpoint", headers={PROTOCOL_HEADER: "1"})
-        status, headers, body = await self.loop.run_in_executor(None, self._forward, request.raw_path)
-        return web.Response(status=status, body=body, headers=headers)
-
-    def _forward(self, target: str) -> tuple[int, dict, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=10)
-        try:
-            conn.request("GET", target)
-            resp = conn.getresponse()
-            keep = {k: v for k, v in resp.getheaders() if k.lower() in ("content-type", PROTOCOL_HEADER.lower())}
-            return resp.status, keep, resp.read()
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        return await self.forward(request)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +19,7 @@ import pytest
 from diskover_agent import AgentConnection, parallel_walk
 from diskover_agent.errors import AgentConnectionError, AgentError, AgentHTTPError
 
-from conftest import REMOTE, Agent, as_bytes_rows, reference_walk
+from conftest import REMOTE, agent_starter, as_bytes_rows, reference_walk
 
 trustme = pytest.importorskip("trustme", reason="trustme makes the test certificates")
 
@@ -51,19 +50,8 @@ def tree(tmp_path_factory) -> Path:
     return make_tree(tmp_path_factory.mktemp("security") / "tree")
 
 
-@pytest.fixture(scope="module")
-def module_agent() -> Iterator:
-    """Like conftest's ``start_agent``, for agents shared by the tests of this module."""
-    started: list[Agent] = []
-
-    def start(exports: list[tuple[str, str]], **kwargs) -> Agent:
-        agent = Agent(exports, **kwargs)
-        started.append(agent)
-        return agent
-
-    yield start
-    for agent in started:
-        agent.stop()
+#: Like conftest's ``start_agent``, for agents shared by the tests of this module.
+module_agent = pytest.fixture(agent_starter, scope="module", name="module_agent")
 
 
 def text_listing(local: Path) -> bytes:
