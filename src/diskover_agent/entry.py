@@ -25,13 +25,18 @@ def make_stat(fields: StatFields) -> os.stat_result:
 class AgentDirEntry(Generic[AnyStr]):
     """One entry of a remote directory; no method makes a network request."""
 
-    __slots__ = ("_entry", "_stat", "name", "path")
+    __slots__ = ("_dirpath", "_entry", "_stat", "name")
 
     def __init__(self, dirpath: AnyStr, name: AnyStr, entry: Entry) -> None:
         self.name: AnyStr = name
-        self.path: AnyStr = os.path.join(dirpath, name)
+        self._dirpath = dirpath
         self._entry = entry
         self._stat: Optional[os.stat_result] = None
+
+    @property
+    def path(self) -> AnyStr:
+        """``os.path.join(dirpath, name)``, as ``os.DirEntry.path`` (made when asked for)."""
+        return os.path.join(self._dirpath, self.name)
 
     def is_dir(self, *, follow_symlinks: bool = True) -> bool:
         kind = self._entry.kind
