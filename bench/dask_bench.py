@@ -31,11 +31,11 @@ import tempfile
 import time
 from typing import Any
 
+from diskover_agent import parallel_walk_entries
+
 import delayproxy
 from run import REMOTE, Procs
 from tree import build_tree
-
-from diskover_agent import parallel_walk_entries
 
 
 def local_count(top: str) -> int:

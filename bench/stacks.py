@@ -48,6 +48,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from diskover_agent.protocol import MSGPACK_TYPE
+
 from run import REMOTE, Agent, proc_cpu, proc_status_kb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
