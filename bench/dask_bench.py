@@ -63,10 +63,10 @@ def on_dask(top: str, hosts: list[str], workers: int, out: str) -> dict[str, Any
     finally:
         client.close()
         client.cluster.close()
-    rows, distinct = duckdb.sql(
+    ((rows, distinct),) = duckdb.sql(
         f"SELECT count(*), count(DISTINCT (coalesce(parent_raw, encode(parent)), coalesce(name_raw, encode(name)))) "
         f"FROM read_parquet('{out}/part-*.parquet')"
-    ).fetchone()
+    ).fetchall()
     return {"entries": summary.entries, "rows": rows, "distinct": distinct, "tasks": summary.tasks,
             "seconds": seconds}
 

@@ -48,7 +48,7 @@ DEFAULT_RETRY_FOR = 10.0
 #: Entries the first subtree request may list; each request doubles it up to the max,
 #: so that the first answers come back fast with a frontier that spreads the work.
 FIRST_BUDGET = 256
-MAX_BUDGET = 16_384
+MAX_BUDGET = 4_096
 #: Seconds an agent walks for one request before it answers its frontier.
 MAX_SECONDS = 0.5
 #: Subtree requests in flight to one agent, at most: an agent walks each one as fast
@@ -177,6 +177,8 @@ class Walker:
         self._budget = min(FIRST_BUDGET, max_budget)
         self._todo: collections.deque[bytes] = collections.deque(roots if roots is not None else [self.top])
         self._cond = threading.Condition()
+        #: Workers waiting for a host (all set aside, or all at their request cap) wait here.
+        self._host_free = threading.Condition()
         self._results: collections.deque[Any] = collections.deque()
         self._results_ready = threading.Condition()
         #: Directories known and not yet handed to the generator (queued, in flight, or waiting).
@@ -245,6 +247,8 @@ class Walker:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        with self._host_free:
+            self._host_free.notify_all()
         for conn in list(self._conns):
             conn.abort()
         for t in self._threads:
@@ -334,8 +338,8 @@ class Walker:
                     self._serve(idx, conn, batch, subtree)
                 finally:
                     self.hosts.release(idx)
-                    with self._cond:
-                        self._cond.notify_all()  # a worker may be waiting for this host
+                    with self._host_free:
+                        self._host_free.notify()  # one worker may be waiting for a free host
         except BaseException as exc:  # a bug, or a refusal no retry can fix: end the walk
             self._deliver(exc)
         finally:
@@ -363,8 +367,8 @@ class Walker:
                     self._stopping = True
                     self._cond.notify_all()
                 return None
-            with self._cond:
-                self._cond.wait(min(max(wait, 0.01), 0.5))
+            with self._host_free:
+                self._host_free.wait(min(max(wait, 0.01), 0.5))
 
     def _serve(self, idx: int, conn: AgentHTTP, batch: list[bytes], subtree: bool) -> None:
         """Run one request for ``batch``; whatever it does not complete goes back on the queue."""
