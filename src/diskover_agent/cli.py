@@ -37,7 +37,7 @@ from .connection import AgentConnection, parse_hosts
 from .entry import AgentDirEntry, make_stat
 from .errors import AgentConnectionError, AgentError, AgentHTTPError
 from .protocol import KIND_DIR, KIND_FILE, KIND_NAMES, KIND_SYMLINK, Entry, Exclusions
-from .transport import DEFAULT_PORT, TRANSIENT_ERRORS, AgentHTTP, ClientOptions, HostAddress
+from .transport import DEFAULT_PORT, TRANSIENT_ERRORS, AgentHTTP, ClientOptions, HostAddress, read_token_file
 from .walk import DEFAULT_RETRY_FOR, Walker
 
 PROG = "diskover-agent"
@@ -234,12 +234,9 @@ class Context:
         token = None
         if args.token_file is not None:
             try:
-                with open(args.token_file, encoding="utf-8") as f:
-                    token = f.read().strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise UsageError(f"cannot read the token file: {exc}") from None
-            if not token:
-                raise UsageError(f"the token file {args.token_file} is empty")
+                token = read_token_file(args.token_file)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         #: Keyword options of ClientOptions, for AgentConnection and Walker.
         self.options: dict[str, Any] = {
             "timeout": args.timeout, "token": token, "tls": args.tls or args.cafile is not None,

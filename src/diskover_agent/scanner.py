@@ -40,7 +40,7 @@ else:  # pragma: no cover
 from .connection import AgentConnection, parse_hosts
 from .entry import AgentDirEntry
 from .protocol import KIND_DIR, KIND_SYMLINK, Exclusions, StatFields
-from .transport import DEFAULT_PORT, RemoteListing, fsencode_path
+from .transport import DEFAULT_PORT, RemoteListing, fsencode_path, read_token_file
 from .walk import parallel_walk
 
 __all__ = [
@@ -215,13 +215,9 @@ def _split(text: str) -> list[str]:
 
 def _read_token(path: str) -> str:
     try:
-        with open(os.path.expanduser(path), encoding="utf-8") as f:
-            token = f.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScannerConfigError(f"diskover agent scanner token file {path!r}: {exc}") from None
-    if not token:
-        raise ScannerConfigError(f"diskover agent scanner token file {path!r} is empty")
-    return token
+        return read_token_file(path)
+    except ValueError as exc:
+        raise ScannerConfigError(f"diskover agent scanner: {exc}") from None
 
 
 # -- stat records and entries ------------------------------------------------------------------

@@ -94,6 +94,18 @@ class RemoteListing:
     stat: Optional[StatFields] = None
 
 
+def read_token_file(path: str) -> str:
+    """The bearer token in a file (surrounding whitespace stripped); ``ValueError`` saying why not."""
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the token file {path}: {exc}") from None
+    if not token:
+        raise ValueError(f"the token file {path} is empty")
+    return token
+
+
 class ClientOptions:
     """How the client talks to agents; shared by every connection of a walk.
 
