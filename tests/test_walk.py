@@ -242,3 +242,27 @@ def test_walk_in_parts_by_entry_budget(tmp_path, start_agent, mode):
     assert parts > 3
     assert len(seen) == len(set(seen)) == len(expected)
     assert set(seen) == {r for r, _, _ in expected}
+
+
+def test_slow_consumer_bounds_the_backlog(tmp_path, start_agent):
+    """When the loop body is slower than the agents, the walk stops asking for more once
+    ``max_backlog`` entries wait for it, instead of holding the whole tree in memory."""
+    top = tmp_path / "t"
+    for i in range(60):
+        d = top / f"d{i}"
+        d.mkdir(parents=True)
+        for j in range(50):
+            (d / f"f{j}").touch()
+    agent = start_agent([(REMOTE, str(top))])
+    walker = diskover_agent.walk.Walker(REMOTE, [agent.hostspec], workers=4, mode="listdir", max_backlog=200)
+    peak = 0
+    seen = 0
+    for d in walker.dirs():
+        seen += len(d.entries)
+        deadline = time.monotonic() + 0.02  # a slow consumer
+        while time.monotonic() < deadline:
+            peak = max(peak, walker._backlog)
+            time.sleep(0.002)
+    assert seen == 60 + 60 * 50
+    # at most the limit, plus what the requests already in flight bring (4 directories of 51)
+    assert peak <= 200 + 4 * 51, peak

@@ -51,6 +51,9 @@ FIRST_BUDGET = 256
 MAX_BUDGET = 4_096
 #: Seconds an agent walks for one request before it answers its frontier.
 MAX_SECONDS = 0.5
+#: Entries listed and waiting for the consumer before the walk stops asking for more
+#: (bounds the client's memory when the loop body is slower than the agents).
+MAX_BACKLOG = 200_000
 #: Subtree requests in flight to one agent, at most: an agent walks each one as fast
 #: as its cores allow, so more only compete for them (measured in bench/README.md).
 SUBTREE_PER_HOST = 4
@@ -159,6 +162,7 @@ class Walker:
         one_fs: bool = False,
         roots: Optional[Sequence[bytes]] = None,
         max_entries: Optional[int] = None,
+        max_backlog: int = MAX_BACKLOG,
         **options: Any,
     ) -> None:
         if workers < 1:
@@ -186,6 +190,10 @@ class Walker:
         #: Stop taking new work once this many entries were listed (None: walk everything).
         self.max_entries = max_entries
         self.entries = 0
+        #: Entries (and directories) listed and not yet taken by the consumer; past
+        #: ``max_backlog``, workers send no new request until it has caught up.
+        self.max_backlog = max_backlog
+        self._backlog = 0
         self._exited = 0
         self._pruned: set[bytes] = set()
         self._stopping = False
@@ -208,6 +216,8 @@ class Walker:
                             return
                         self._results_ready.wait()
                     item = self._results.popleft()
+                    if isinstance(item, _Dir):
+                        self._backlog -= len(item.entries) + 1
                 if isinstance(item, BaseException):
                     raise item
                 if self._pruned and item.path != self.top and (
@@ -270,6 +280,8 @@ class Walker:
     def _deliver(self, item: Any) -> None:
         with self._results_ready:
             self._results.append(item)
+            if isinstance(item, _Dir):
+                self._backlog += len(item.entries) + 1
             self._results_ready.notify()
 
     def _requeue(self, paths: Sequence[bytes]) -> None:
@@ -296,6 +308,9 @@ class Walker:
     def _take(self, subtree: bool) -> Optional[list[bytes]]:
         """A batch of paths to walk, waiting for one; None when the walk stops."""
         with self._cond:
+            # Backpressure: while the consumer has this much to catch up on, ask for no more.
+            while self._backlog > self.max_backlog and not self._stopping:
+                self._cond.wait(0.05)
             while not self._todo:
                 if self._stopping or self._spent():
                     return None
