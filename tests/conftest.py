@@ -101,6 +101,25 @@ def agent_starter() -> Iterator:
 start_agent = pytest.fixture(agent_starter, name="start_agent")
 
 
+def http_get(port: int, target: str, *, method: str = "GET", headers: dict | None = None,
+             body: bytes | None = None, context=None, timeout: float = 10.0):
+    """One request on a new connection to 127.0.0.1:``port`` (HTTPS with an ``ssl``
+    ``context``): ``(status, headers, body)``."""
+    import http.client
+
+    conn: http.client.HTTPConnection
+    if context is not None:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=context)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, target, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.headers, resp.read()
+    finally:
+        conn.close()
+
+
 class FrontServer:
     """A small HTTP server of the test's own (aiohttp, in a thread) that stands in front
     of a real agent: subclasses answer in ``handle``, or ``forward`` to the agent."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REMOTE, Agent
+from conftest import REMOTE, Agent, http_get
 
 # -- helpers -------------------------------------------------------------------------------
 
@@ -48,15 +48,7 @@ def wait_for(predicate, timeout: float, what: str):
         time.sleep(0.02)
 
 
-def get(port: int, target: str, *, method: str = "GET", headers: dict | None = None, body: bytes | None = None,
-        timeout: float = 10.0) -> tuple[int, http.client.HTTPMessage, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(method, target, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.headers, resp.read()
-    finally:
-        conn.close()
+get = http_get
 
 
 def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> tuple[int | None, bytes]:

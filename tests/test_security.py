@@ -19,7 +19,7 @@ import pytest
 from diskover_agent import AgentConnection, parallel_walk
 from diskover_agent.errors import AgentConnectionError, AgentError, AgentHTTPError
 
-from conftest import REMOTE, agent_starter, as_bytes_rows, reference_walk
+from conftest import REMOTE, agent_starter, as_bytes_rows, http_get, reference_walk
 
 trustme = pytest.importorskip("trustme", reason="trustme makes the test certificates")
 
@@ -61,20 +61,8 @@ def text_listing(local: Path) -> bytes:
     return b"".join(name + (b"/\n" if is_dir else b"\n") for name, is_dir in entries)
 
 
-def get(agent, target: str = REMOTE, *, method: str = "GET", headers: dict | None = None,
-        body: bytes | None = None, context: ssl.SSLContext | None = None,
-        timeout: float = 10.0) -> tuple[int, http.client.HTTPMessage, bytes]:
-    conn: http.client.HTTPConnection
-    if context is not None:
-        conn = http.client.HTTPSConnection("127.0.0.1", agent.port, timeout=timeout, context=context)
-    else:
-        conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=timeout)
-    try:
-        conn.request(method, target, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.headers, resp.read()
-    finally:
-        conn.close()
+def get(agent, target: str = REMOTE, **kwargs) -> tuple[int, http.client.HTTPMessage, bytes]:
+    return http_get(agent.port, target, **kwargs)
 
 
 def token_file(tmp_path: Path, content: str = TOKEN + "\n") -> str:

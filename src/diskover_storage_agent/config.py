@@ -7,6 +7,8 @@ import ssl
 from dataclasses import dataclass
 from typing import Optional
 
+from diskover_agent import transport
+
 from .exports import CONTROL_PREFIX, BadPath, Export, split_path
 
 DEFAULT_LISTEN = "0.0.0.0"
@@ -78,15 +80,11 @@ def make_export(remote: str, local: str) -> Export:
 
 
 def read_token_file(path: str) -> str:
-    """The token in ``path`` (surrounding whitespace stripped)."""
+    """The token in ``path`` (surrounding whitespace stripped), read as the client reads it."""
     try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--token-file {path!r}: {exc}") from None
-    if not token:
-        raise ConfigError(f"--token-file {path!r} is empty")
-    return token
+        return transport.read_token_file(path)
+    except ValueError as exc:
+        raise ConfigError(f"--token-file: {exc}") from None
 
 
 def tls_context(config: AgentConfig) -> Optional[ssl.SSLContext]:
