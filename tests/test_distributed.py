@@ -117,17 +117,20 @@ def test_worker_and_agent_killed_mid_walk(tree, cluster, start_agent, tmp_path):
     killed = []
 
     def progress(summary, result):
-        done = len(summary.files)
-        if done == 3 and not killed:
+        if not killed:  # after the first task: the frontier is out on both workers
             os.kill(next(iter(worker_pids.values())), signal.SIGKILL)
             killed.append("worker")
-        if done == 6 and len(killed) == 1:
+        elif len(killed) == 1:  # the next task to finish, on whichever worker survived
             agents[1].kill()
             killed.append("agent")
 
-    summary = dask_walk(REMOTE, [a.hostspec for a in agents], str(out), client=cluster, part_entries=300,
-                        progress=progress, retry_for=20)
+    # 2 threads per task and 150 entries per part: a task lists at most ~2 x 150 entries
+    # (each request's budget is capped by what the task has left), so the ~3,200-entry
+    # tree takes at least 10 tasks and both kills happen while most of it is unwalked.
+    summary = dask_walk(REMOTE, [a.hostspec for a in agents], str(out), client=cluster, part_entries=150,
+                        threads=2, progress=progress, retry_for=20)
     assert killed == ["worker", "agent"]
+    assert summary.tasks >= 10
     assert summary.entries == len(expected_rows(tree))
     check_dataset(out, tree)
     # no partition of a lost run is left behind

@@ -85,9 +85,13 @@ def test_falls_back_to_listings_per_directory(awkward_tree, listing_only, start_
     assert sorted(paths) == sorted({r for r, _, _ in expected} | {p for _, p in expected_errors})
     # asked at most once per worker (they may race at the start), then remembered
     assert 1 <= listing_only.walk_requests <= 4
-    assert walker.served()[hosts[0]]["dirs"] > 0  # and still used, one directory per request
-    rows = list(parallel_walk(REMOTE, hosts=hosts[:1]))
-    assert as_bytes_rows(rows) == expected
+    # alone, the old agent serves the whole walk, one directory per request
+    asked = listing_only.walk_requests
+    walker = Walker(REMOTE, hosts[:1], workers=4)
+    assert sum(1 for _ in walker.dirs()) == len(paths)
+    assert listing_only.walk_requests - asked <= 4
+    assert walker.served()[hosts[0]] == {"requests": len(paths), "dirs": len(paths)}
+    assert as_bytes_rows(list(parallel_walk(REMOTE, hosts=hosts[:1]))) == expected
 
 
 def test_subtree_mode_refuses_to_fall_back(listing_only):
