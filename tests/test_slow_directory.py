@@ -4,6 +4,7 @@ NFS mount) holds only its own requests: other clients are served meanwhile."""
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import shutil
 import subprocess
@@ -78,6 +79,36 @@ def test_slow_listings_do_not_stall_others(slowfs, start_agent):
     assert fast_status == 200
     assert fast_time < SLOW / 2
     assert all(status == 200 and took >= SLOW * 0.9 for status, took in results)
+
+
+def timed_walk(port: int, path: str) -> tuple[int, float, bytes]:
+    start = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/_agent/v1/walk?format=ndjson", body=json.dumps({"paths": [path], "max_entries": 100}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        body = resp.read()
+        return resp.status, time.monotonic() - start, body
+    finally:
+        conn.close()
+
+
+def test_slow_subtree_walk_does_not_stall_other_walks(slowfs, start_agent):
+    # Subtree walks take turns on the agent's lane; a turn stuck in a slow directory
+    # must not keep the others waiting for it.
+    agent = start_agent([(REMOTE, str(slowfs.mnt))])
+    slowfs.started_log.unlink(missing_ok=True)
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(timed_walk, agent.port, f"{REMOTE}/slow3")
+        wait_for_slow_listings(slowfs.started_log, 1)
+        fast_status, fast_time, fast_body = timed_walk(agent.port, REMOTE + "/fast")
+        assert not slow.done(), "the slow walk should still be running"
+        slow_status, slow_time, slow_body = slow.result()
+    assert fast_status == 200 and b'"x"' in fast_body and b'"y"' in fast_body
+    assert fast_time < SLOW / 2
+    assert slow_status == 200 and b'"a"' in slow_body
+    assert slow_time >= SLOW * 0.9
 
 
 def test_maxconnections_queues_instead_of_dropping(slowfs, start_agent):

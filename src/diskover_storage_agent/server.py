@@ -7,6 +7,7 @@ the event loop, and at most ``-c`` listings are served at once: more wait in lin
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import hmac
 import logging
@@ -14,7 +15,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, TypeVar
 from urllib.parse import parse_qsl
@@ -210,6 +211,67 @@ class Hold:
             self.slots.release()
 
 
+class Lane:
+    """Subtree walks take turns reading the file system, one chunk each, while turns are quick.
+
+    Threads of one process that walk at the same time hand the GIL over at every
+    system call (openat, getdents, lstat...), which costs more than the walking itself
+    when the metadata is cached (bench/README.md, "Walks take turns"); waiting for a
+    turn here costs no thread at all. A turn is waited for only while it is quick:
+    once one has lasted ``stall`` seconds (a directory on a hung NFS server), everyone
+    goes ahead without turns until it ends, so a slow directory holds nobody up for
+    longer than that. Single-directory listings do not take turns: they are short, and
+    in turns they would queue behind one another (measured: half the requests/s).
+    """
+
+    def __init__(self, stall: float = 0.05) -> None:
+        self.stall = stall
+        self._busy = False
+        self._stuck = False
+        self._waiting: collections.deque[asyncio.Future[bool]] = collections.deque()
+
+    async def run(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``await call()`` in its turn (or without one while a turn is stuck)."""
+        if self._stuck:
+            return await call()
+        if self._busy:
+            turn = asyncio.get_running_loop().create_future()
+            self._waiting.append(turn)
+            try:
+                mine = await turn
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled() and turn.result():
+                    self._next()  # the turn came with the cancellation: pass it on
+                elif turn in self._waiting:
+                    self._waiting.remove(turn)
+                raise
+            if not mine:
+                return await call()
+        self._busy = True
+        timer = asyncio.get_running_loop().call_later(self.stall, self._stall_out)
+        try:
+            return await call()
+        finally:
+            timer.cancel()
+            self._stuck = False
+            self._next()
+
+    def _next(self) -> None:
+        while self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(True)
+                return
+        self._busy = False
+
+    def _stall_out(self) -> None:
+        self._stuck = True
+        while self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(False)
+
+
 def busy_response() -> web.Response:
     return error_response(503, "busy", "the agent is at its limit; retry later", headers={"Retry-After": "1"})
 
@@ -227,6 +289,7 @@ class Agent:
         self.config = config
         self.exports = ExportTable(config.exports)
         self.pool = ThreadPoolExecutor(max_workers=config.maxconnections, thread_name_prefix="diskover-fs")
+        self.lane = Lane()
         self._token = config.token.encode() if config.token else None
         self._slots: Optional[Slots] = None
         self.metrics = Metrics()
@@ -394,23 +457,31 @@ class Agent:
         if not await hold.admit():
             return busy_response()
         try:
-            return await self._stream(request, SubtreeWalk(self.exports, req, fmt), fmt, None, hold)
+            return await self._stream(request, SubtreeWalk(self.exports, req, fmt), fmt, None, hold, turns=True)
         finally:
             hold.release()
 
     async def _stream(
-        self, request: web.BaseRequest, reader: Reader, fmt: str, path: Optional[bytes], hold: Hold
+        self, request: web.BaseRequest, reader: Reader, fmt: str, path: Optional[bytes], hold: Hold,
+        turns: bool = False,
     ) -> web.StreamResponse:
         """Send what ``reader`` produces: in one piece when it fits one chunk, else streamed.
-        The slot is held only while a chunk is read."""
+        The slot is held only while a chunk is read; with ``turns``, chunks are read in
+        turns on the agent's lane (subtree walks: long runs of quick system calls)."""
         guard = threading.Lock()
+
+        async def read() -> bytes:
+            if turns:
+                return await self.lane.run(lambda: self.run(_locked, guard, reader.read))
+            return await self.run(_locked, guard, reader.read)
+
         record: RequestRecord = request["record"]
         if accepts_gzip(request.headers.get("Accept-Encoding", "")):
             reader = GzipReader(reader)
         self.metrics.in_flight.inc()
         try:
             try:
-                chunk = await self.run(_locked, guard, reader.read)
+                chunk = await read()
             except OSError as exc:
                 return os_error_response(exc, path or b"")
             finally:
@@ -425,7 +496,7 @@ class Agent:
             while not reader.done:
                 await hold.take()
                 try:
-                    chunk = await self.run(_locked, guard, reader.read)
+                    chunk = await read()
                 except OSError as exc:
                     chunk = reader.error_chunk(exc)
                     if chunk is None:
