@@ -57,7 +57,7 @@ def test_a_stuck_read_holds_nobody_up():
         stuck = asyncio.ensure_future(lane.run(lambda: loop.run_in_executor(reads.pool, release.wait, 30)))
         await asyncio.sleep(0)  # it has the turn
         start = time.monotonic()
-        await asyncio.wait_for(asyncio.gather(*(lane.run(reads.call()) for _ in range(8))), 10)
+        await asyncio.wait_for(asyncio.gather(*(lane.run(reads.call(0.02)) for _ in range(8))), 10)
         took = time.monotonic() - start
         still_stuck = not stuck.done()
         release.set()
