@@ -109,6 +109,13 @@ def test_slow_subtree_walk_does_not_stall_other_walks(slowfs, start_agent):
     assert fast_time < SLOW / 2
     assert slow_status == 200 and b'"a"' in slow_body
     assert slow_time >= SLOW * 0.9
+    conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=10)
+    conn.request("GET", "/_agent/metrics")
+    metrics = conn.getresponse().read().decode()
+    conn.close()
+    # the slow walk read in its turn, which got stuck; the fast one went ahead without a turn
+    assert 'diskover_agent_walk_reads_total{how="turn"} 1.0' in metrics
+    assert 'diskover_agent_walk_reads_total{how="stuck"} 1.0' in metrics
 
 
 def test_maxconnections_queues_instead_of_dropping(slowfs, start_agent):

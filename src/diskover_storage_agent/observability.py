@@ -37,6 +37,9 @@ class Metrics:
         self.in_flight = Gauge("diskover_agent_requests_in_flight", "Listings and walks being answered",
                                registry=r)
         self.waiting = Gauge("diskover_agent_requests_waiting", "Requests waiting for a listing slot", registry=r)
+        self.walk_reads = Counter("diskover_agent_walk_reads",
+                                  "Chunks of subtree walks read: in turns, or at once because the reading "
+                                  "waits for the storage or a turn is stuck", ["how"], registry=r)
 
     def watch(self, connections: Callable[[], float], waiting: Callable[[], float]) -> None:
         """Gauges read when scraped."""

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import functools
 import hmac
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, TypeVar
@@ -188,9 +190,9 @@ class Slots:
 
 
 class Hold:
-    """One request's claim on a slot: held while the agent reads the file system,
-    let go while the answer travels, so a client that reads slowly (or not at all)
-    holds no slot."""
+    """One request's claim on a slot: held while the agent reads the file system (or
+    a walk waits for its turn to), let go while the answer travels, so a client that
+    reads slowly (or not at all) holds no slot."""
 
     def __init__(self, slots: Slots) -> None:
         self.slots = slots
@@ -212,30 +214,48 @@ class Hold:
 
 
 class Lane:
-    """Subtree walks take turns reading the file system, one chunk each, while turns are quick.
+    """Subtree walks take turns reading the file system, one chunk each, while the
+    reading is work for the CPU rather than waiting for the storage.
 
     Threads of one process that walk at the same time hand the GIL over at every
     system call (openat, getdents, lstat...), which costs more than the walking itself
     when the metadata is cached (bench/README.md, "Walks take turns"); waiting for a
-    turn here costs no thread at all. A turn is waited for only while it is quick:
-    once one has lasted ``stall`` seconds (a directory on a hung NFS server), everyone
-    goes ahead without turns until it ends, so a slow directory holds nobody up for
-    longer than that. Single-directory listings do not take turns: they are short, and
-    in turns they would queue behind one another (measured: half the requests/s).
+    turn costs no thread. Reads that wait for the storage (a cold cache, an NFS round
+    trip) gain from running together instead, so turns are dropped:
+
+    - for ``io_hold`` seconds once the reading threads have been on the CPU for less
+      than ``io_share`` of their turns (``thread_time`` against the clock, averaged
+      over the last few turns: contention alone makes single turns dip to ~0.25);
+    - while one turn has lasted ``stall`` seconds (a directory on a hung NFS server),
+      until it ends, so a stuck directory holds nobody up for longer than that.
+
+    Single-directory listings do not take turns: they are short, and in turns they
+    would queue behind one another (measured: half the requests/s).
     """
 
-    def __init__(self, stall: float = 0.05) -> None:
+    def __init__(self, stall: float = 0.05, io_share: float = 0.25, io_hold: float = 0.5,
+                 count: Optional[Callable[[str], None]] = None) -> None:
         self.stall = stall
+        #: Told how each read ran: ``turn``, or without one for ``storage`` or ``stuck``.
+        self.count = count or (lambda _how: None)
+        self.io_share = io_share
+        self.io_hold = io_hold
+        #: Turns after which the reading was found waiting for the storage.
+        self.io_turns = 0
+        self._share = 1.0  # moving average of the CPU share of recent turns
         self._busy = False
         self._stuck = False
+        self._free_until = 0.0
         self._waiting: collections.deque[asyncio.Future[bool]] = collections.deque()
 
-    async def run(self, call: Callable[[], Awaitable[T]]) -> T:
-        """``await call()`` in its turn (or without one while a turn is stuck)."""
-        if self._stuck:
-            return await call()
+    async def run(self, submit: Callable[[Callable[[], Any]], Awaitable[Any]], fn: Callable[[], T]) -> T:
+        """``fn()`` run by ``submit`` (into a thread pool), in its turn or without one."""
+        loop = asyncio.get_running_loop()
+        if self._stuck or loop.time() < self._free_until:
+            self.count("stuck" if self._stuck else "storage")
+            return await submit(fn)
         if self._busy:
-            turn = asyncio.get_running_loop().create_future()
+            turn = loop.create_future()
             self._waiting.append(turn)
             try:
                 mine = await turn
@@ -246,14 +266,25 @@ class Lane:
                     self._waiting.remove(turn)
                 raise
             if not mine:
-                return await call()
+                self.count("stuck" if self._stuck else "storage")
+                return await submit(fn)
+        self.count("turn")
         self._busy = True
-        timer = asyncio.get_running_loop().call_later(self.stall, self._stall_out)
+        timer = loop.call_later(self.stall, self._stall_out)
+        waited = False
         try:
-            return await call()
+            result, cpu, wall = await submit(functools.partial(_measured, fn))
+            if wall >= _MIN_MEASURED:
+                self._share = (self._share + min(cpu / wall, 1.0)) / 2
+                waited = self._share < self.io_share
+            return result
         finally:
             timer.cancel()
             self._stuck = False
+            if waited:
+                self.io_turns += 1
+                self._free_until = loop.time() + self.io_hold
+                self._release_all()
             self._next()
 
     def _next(self) -> None:
@@ -264,12 +295,26 @@ class Lane:
                 return
         self._busy = False
 
-    def _stall_out(self) -> None:
-        self._stuck = True
+    def _release_all(self) -> None:
         while self._waiting:
             turn = self._waiting.popleft()
             if not turn.done():
                 turn.set_result(False)
+
+    def _stall_out(self) -> None:
+        self._stuck = True
+        self._release_all()
+
+
+#: Turns shorter than this (seconds) say too little about where their time went.
+_MIN_MEASURED = 0.001
+
+
+def _measured(fn: Callable[[], T]) -> tuple[T, float, float]:
+    """``fn()``, with the CPU time of this thread and the wall time it took."""
+    cpu, wall = time.thread_time(), time.perf_counter()
+    result = fn()
+    return result, time.thread_time() - cpu, time.perf_counter() - wall
 
 
 def busy_response() -> web.Response:
@@ -289,7 +334,7 @@ class Agent:
         self.config = config
         self.exports = ExportTable(config.exports)
         self.pool = ThreadPoolExecutor(max_workers=config.maxconnections, thread_name_prefix="diskover-fs")
-        self.lane = Lane()
+        self.lane = Lane(count=lambda how: self.metrics.walk_reads.labels(how).inc())
         self._token = config.token.encode() if config.token else None
         self._slots: Optional[Slots] = None
         self.metrics = Metrics()
@@ -466,13 +511,13 @@ class Agent:
         turns: bool = False,
     ) -> web.StreamResponse:
         """Send what ``reader`` produces: in one piece when it fits one chunk, else streamed.
-        The slot is held only while a chunk is read; with ``turns``, chunks are read in
-        turns on the agent's lane (subtree walks: long runs of quick system calls)."""
+        The slot is held only while a chunk is read (or waits for its turn); with
+        ``turns``, chunks are read in turns on the agent's :class:`Lane` (subtree walks)."""
         guard = threading.Lock()
 
         async def read() -> bytes:
             if turns:
-                return await self.lane.run(lambda: self.run(_locked, guard, reader.read))
+                return await self.lane.run(self.run, functools.partial(_locked, guard, reader.read))
             return await self.run(_locked, guard, reader.read)
 
         record: RequestRecord = request["record"]
