@@ -452,15 +452,10 @@ class Bench:
                 run["entries"] = check(out)
                 del out
                 row["runs"].append(run)
-        except Mismatch as exc:
-            msg = f"MISMATCH in {label}: {exc}"
-            self.failures.append(msg)
-            row["error"] = msg
-            log("!" * 72 + "\n" + msg + "\n" + "!" * 72)
-            self.rows.append(row)
-            return row
         except Exception as exc:
-            msg = f"ERROR in {label}: {type(exc).__name__}: {exc}"
+            what = "MISMATCH" if isinstance(exc, Mismatch) else "ERROR"
+            detail = str(exc) if isinstance(exc, Mismatch) else f"{type(exc).__name__}: {exc}"
+            msg = f"{what} in {label}: {detail}"
             self.failures.append(msg)
             row["error"] = msg
             log("!" * 72 + "\n" + msg + "\n" + "!" * 72)

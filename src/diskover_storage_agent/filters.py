@@ -66,6 +66,11 @@ class Filter:
         self.files = Patterns(exclude_files)
         self.one_fs = one_fs
 
+    @classmethod
+    def of(cls, exclude_dirs: Sequence[bytes], exclude_files: Sequence[bytes], one_fs: bool) -> Optional[Filter]:
+        """The filter of a request, or None when it prunes nothing."""
+        return cls(exclude_dirs, exclude_files, one_fs) if exclude_dirs or exclude_files or one_fs else None
+
     @staticmethod
     def check(patterns: Sequence[bytes]) -> Optional[str]:
         """Why a list of patterns is unacceptable, or None."""

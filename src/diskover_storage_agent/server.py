@@ -149,7 +149,7 @@ class ListingRequest:
         problem = Filter.check(dirs) or Filter.check(files)
         if problem:
             raise BadRequest(problem)
-        self.filter = Filter(dirs, files, one_fs) if dirs or files or one_fs else None
+        self.filter = Filter.of(dirs, files, one_fs)
         if self.filter is not None and self.fmt == "text":
             raise BadRequest("exclusions need format=msgpack or format=ndjson")
         no_more(params)

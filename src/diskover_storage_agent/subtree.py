@@ -66,10 +66,7 @@ class SubtreeWalk:
         self.directories = 0
         self._frames = self._walk()
         self._stack: list[tuple[int, bytes, list[bytes]]] = []
-        self._filter = (
-            Filter(req.exclude_dirs, req.exclude_files, req.one_fs)
-            if req.exclude_dirs or req.exclude_files or req.one_fs else None
-        )
+        self._filter = Filter.of(req.exclude_dirs, req.exclude_files, req.one_fs)
 
     def read(self) -> bytes:
         parts: list[bytes] = []
