@@ -1,0 +1,121 @@
+"""Mutation check: does the suite catch what it claims to?
+
+Each row below is a deliberate breakage of the code. The script copies ``src/`` to a scratch
+directory, applies one breakage there, runs the tests named for it against the broken copy
+(``PYTHONPATH`` puts it first, for the test process and every agent it starts) and prints a
+table. Every row must say ``caught``. Run by hand, not in CI (it runs the named tests once per row):
+
+    .venv/bin/python tests/mutations.py            # every row
+    .venv/bin/python tests/mutations.py -k token   # rows whose id contains "token"
+    .venv/bin/python tests/mutations.py --list     # the rows, without running anything
+
+A row whose ``old`` text no longer occurs exactly once in its file is ``stale``: the code moved,
+so replace the row by the equivalent breakage of the new code. The named tests are also run once
+on the unbroken code; a row whose tests fail there is ``broken`` (the tests, not the mutation,
+fail).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    id: str
+    what: str
+    file: str  # relative to src/
+    old: str  # exact text, must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest node ids, relative to the repository
+
+
+MUTATIONS: list[Mutation] = [
+    # -- the agent ------------------------------------------------------------------------
+
+    # -- the client and the scanner ---------------------------------------------------------
+
+    # -- more ----------------------------------------------------------------------------
+]
+
+
+def _pytest(tests: tuple[str, ...], src: Path, timeout: float) -> tuple[int, str]:
+    env = dict(os.environ, PYTHONPATH=str(src), PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *tests]
+    try:
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, "timed out"
+    tail = [line for line in done.stdout.splitlines() if line.strip()][-1:] or [""]
+    return done.returncode, tail[0]
+
+
+def _check_import_path(src: Path) -> None:
+    """The scratch copy must shadow the installed package, or no row means anything."""
+    env = dict(os.environ, PYTHONPATH=str(src))
+    for pkg in ("diskover_agent", "diskover_storage_agent"):
+        out = subprocess.run([sys.executable, "-c", f"import {pkg}; print({pkg}.__file__)"],
+                             env=env, capture_output=True, text=True, check=True).stdout.strip()
+        if not out.startswith(str(src)):
+            sys.exit(f"mutations: {pkg} is imported from {out}, not from the scratch copy {src}")
+
+
+def run(mutation: Mutation, timeout: float) -> tuple[str, str]:
+    with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
+        src = Path(tmp) / "src"
+        shutil.copytree(REPO / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        _check_import_path(src)
+        target = src / mutation.file
+        text = target.read_text()
+        if text.count(mutation.old) != 1:
+            return "stale", f"{mutation.file}: the text to break occurs {text.count(mutation.old)} times"
+        target.write_text(text.replace(mutation.old, mutation.new))
+        rc, tail = _pytest(mutation.tests, src, timeout)
+    if rc == 0:
+        return "MISSED", tail
+    if rc == 1 or rc == -1:
+        return "caught", tail
+    return f"error (pytest exit {rc})", tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-k", default="", help="run only rows whose id contains this")
+    parser.add_argument("--list", action="store_true", help="list the rows and their tests")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per row (default 600)")
+    args = parser.parse_args(argv)
+    rows = [m for m in MUTATIONS if args.k in m.id]
+    if args.list:
+        for m in rows:
+            print(f"{m.id}\t{m.what}\t{' '.join(m.tests)}")
+        return 0
+    width = max((len(m.id) for m in rows), default=2)
+    bad = 0
+    for m in rows:
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="mutation-base-") as tmp:
+            src = Path(tmp) / "src"
+            shutil.copytree(REPO / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            base_rc, base_tail = _pytest(m.tests, src, args.timeout)
+        if base_rc != 0:
+            verdict, tail = "broken", base_tail
+        else:
+            verdict, tail = run(m, args.timeout)
+        bad += verdict != "caught"
+        print(f"{m.id:<{width}}  {verdict:<8}  {time.monotonic() - started:6.1f} s  {m.what}  [{tail}]", flush=True)
+    print(f"{len(rows) - bad} of {len(rows)} breakages caught")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
