@@ -11,8 +11,14 @@ each frame is one JSON array on its own line. The first element names the frame:
     Entries of the current directory (several frames for a big directory).
 ``["error", errno, code, message]``
     The current directory could not be listed (entries sent for it are void).
+``["frontier", [path, ...]]``
+    Directories found but not listed (subtree walks that ask for these frames, with
+    ``frontier_frames``): sent as they are found, in frames of bounded size.
+``["skip", path]``
+    A requested path (with ``nofollow``) that is a symlink now: nothing is walked.
 ``["end", frontier]``
-    The answer is complete; ``frontier`` lists directories found but not listed.
+    The answer is complete; ``frontier`` lists directories found but not listed
+    (that were not already sent in ``frontier`` frames).
 
 Names and paths are the exact bytes (msgpack ``bin``); in JSON they are text when
 they are valid UTF-8, else ``{"b64": "<base64 of the bytes>"}``. ``kind`` and
@@ -48,6 +54,12 @@ FORMATS = ("text", "msgpack", "ndjson")
 #: Upper bound on one frame, so that a broken or hostile peer cannot make the
 #: reader allocate without limit.
 MAX_FRAME = 64 * 1024 * 1024
+#: Longest remote path (bytes) a request may name. Deeper directories are reported
+#: with ``ENAMETOOLONG``; anything shorter is served, whatever ``PATH_MAX`` says.
+MAX_PATH = 64 * 1024
+#: Bytes of paths gathered before a ``frontier`` frame goes out (a frame holds at most
+#: this much plus one path).
+FRONTIER_FRAME_BYTES = 64 * 1024
 
 KIND_DIR = "d"
 KIND_FILE = "f"
@@ -126,8 +138,10 @@ def encode_frame(frame: Sequence[Any], fmt: str) -> bytes:
         frame = ("dir", _json_name(frame[1]), *frame[2:])
     elif tag == "entries":
         frame = ("entries", [(_json_name(e[0]), *e[1:]) for e in frame[1]])
-    elif tag == "end":
-        frame = ("end", [_json_name(p) for p in frame[1]])
+    elif tag in ("end", "frontier"):
+        frame = (tag, [_json_name(p) for p in frame[1]])
+    elif tag == "skip":
+        frame = ("skip", _json_name(frame[1]))
     return _json_encode(frame) + b"\n"
 
 
@@ -163,7 +177,15 @@ class EndFrame(msgspec.Struct, tag="end", array_like=True):
     frontier: list[bytes]
 
 
-Frame = Union[DirFrame, EntriesFrame, ErrorFrame, EndFrame]
+class FrontierFrame(msgspec.Struct, tag="frontier", array_like=True):
+    paths: list[bytes]
+
+
+class SkipFrame(msgspec.Struct, tag="skip", array_like=True):
+    path: bytes
+
+
+Frame = Union[DirFrame, EntriesFrame, ErrorFrame, EndFrame, FrontierFrame, SkipFrame]
 _frame_decoder = msgspec.msgpack.Decoder(Frame)
 
 
@@ -199,9 +221,17 @@ def read_frames(read: Callable[[int], bytes]) -> Iterator[Frame]:
 
 # -- the subtree walk request ---------------------------------------------------------
 
-class WalkRequest(msgspec.Struct, forbid_unknown_fields=True):
+class WalkRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """The body of ``POST /_agent/v1/walk``: walk below ``paths`` within a budget,
-    leaving out what the exclusions prune (see the agent's ``filters`` module)."""
+    leaving out what the exclusions prune (see the agent's ``filters`` module).
+
+    ``frontier_frames``: the client reads ``frontier`` frames, so the agent sends the
+    frontier as it finds it, in bounded frames. ``nofollow``: the paths were found by
+    the walk; the last component of each is opened without following a symlink, and
+    one that is a symlink now is answered with a ``skip`` frame (``os.walk`` does not
+    descend into a symlink it finds at descent time). Both default to off, as older
+    clients send them.
+    """
 
     paths: list[bytes]
     stat: bool = False
@@ -210,6 +240,8 @@ class WalkRequest(msgspec.Struct, forbid_unknown_fields=True):
     exclude_dirs: list[bytes] = []
     exclude_files: list[bytes] = []
     one_fs: bool = False
+    frontier_frames: bool = False
+    nofollow: bool = False
 
 
 class _B64(msgspec.Struct, forbid_unknown_fields=True):
@@ -224,6 +256,8 @@ class _JSONWalkRequest(msgspec.Struct, forbid_unknown_fields=True):
     exclude_dirs: list[Union[str, _B64]] = []
     exclude_files: list[Union[str, _B64]] = []
     one_fs: bool = False
+    frontier_frames: bool = False
+    nofollow: bool = False
 
 
 def _json_bytes(items: list[Union[str, _B64]]) -> list[bytes]:
@@ -236,11 +270,33 @@ def decode_json_walk_request(body: bytes) -> WalkRequest:
     return WalkRequest(
         _json_bytes(req.paths), req.stat, req.max_entries, req.max_seconds,
         _json_bytes(req.exclude_dirs), _json_bytes(req.exclude_files), req.one_fs,
+        req.frontier_frames, req.nofollow,
     )
 
 
 def encode_walk_request(req: WalkRequest) -> bytes:
     return _msgpack_encode(req)
+
+
+def encode_path_item(path: bytes, fmt: str) -> bytes:
+    """One path as an element of a frame's list (for frames written in pieces)."""
+    return _msgpack_encode(path) if fmt == "msgpack" else _json_encode(_json_name(path))
+
+
+def end_frame_pieces(count: int, items_size: int, fmt: str) -> tuple[bytes, bytes, bytes]:
+    """``(head, separator, tail)`` of an ``end`` frame whose ``count`` frontier paths,
+    encoded by :func:`encode_path_item`, take ``items_size`` bytes: the frame is
+    ``head``, the items joined by ``separator``, then ``tail``."""
+    if fmt != "msgpack":
+        return b'["end",[', b",", b"]]\n"
+    if count < 16:
+        array = bytes([0x90 | count])
+    elif count < 1 << 16:
+        array = b"\xdc" + count.to_bytes(2, "big")
+    else:
+        array = b"\xdd" + count.to_bytes(4, "big")
+    body = b"\x92\xa3end" + array
+    return _pack_len(len(body) + items_size) + body, b"", b""
 
 
 @dataclass(frozen=True)

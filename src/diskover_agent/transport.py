@@ -7,6 +7,7 @@ bound by client CPU.
 
 from __future__ import annotations
 
+import errno
 import http.client
 import ipaddress
 import os
@@ -21,6 +22,7 @@ import msgspec
 
 from .errors import AgentBusyError, AgentError, AgentHTTPError, AgentProtocolError
 from .protocol import (
+    MAX_PATH,
     MSGPACK_TYPE,
     PROTOCOL_HEADER,
     DirFrame,
@@ -190,7 +192,10 @@ class AgentHTTP:
     def listdir(self, path: bytes, want_stat: bool, filename: object,
                 exclusions: Optional[Exclusions] = None) -> RemoteListing:
         """List one remote directory. File-system errors come back in ``error``
-        (with ``filename`` set); transport errors raise."""
+        (with ``filename`` set); transport errors raise. A path longer than
+        ``MAX_PATH`` is ``ENAMETOOLONG`` without asking."""
+        if len(path) > MAX_PATH:
+            return RemoteListing(path, [], OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), filename))
         target = quote_path(path) + ("?format=msgpack&stat=1" if want_stat else "?format=msgpack")
         if exclusions:
             target += exclusions.query()
@@ -233,6 +238,10 @@ class AgentHTTP:
                 resp.read(65536)
                 self.close()
                 raise SubtreeUnsupported(f"{self.address.label} does not offer the subtree walk")
+            if resp.status == 400 and (req.frontier_frames or req.nofollow):
+                resp.read(65536)
+                self.close()
+                raise WalkFieldsRefused(f"{self.address.label} refused the walk request's newer fields")
             if resp.status != 200:
                 error = self._error(resp, None)
                 raise AgentProtocolError(f"{self.address.label}: walk request failed: {error}")
@@ -277,6 +286,11 @@ class AgentHTTP:
 
 class SubtreeUnsupported(AgentError):
     """The agent only answers per-directory listings."""
+
+
+class WalkFieldsRefused(AgentError):
+    """The agent refused a walk request with ``frontier_frames`` or ``nofollow`` (400):
+    an agent older than these fields; ask it again without them."""
 
 
 def is_loopback(host: str) -> bool:

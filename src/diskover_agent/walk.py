@@ -13,6 +13,7 @@ lost, and nothing that was completed is listed twice.
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import threading
 import time
@@ -25,12 +26,15 @@ from .errors import AgentBusyError, AgentConnectionError, AgentProtocolError
 from .protocol import (
     KIND_DIR,
     KIND_SYMLINK,
+    MAX_PATH,
     DirFrame,
     EndFrame,
     EntriesFrame,
     Entry,
     ErrorFrame,
     Exclusions,
+    FrontierFrame,
+    SkipFrame,
     WalkRequest,
 )
 from .transport import (
@@ -40,6 +44,7 @@ from .transport import (
     ClientOptions,
     HostAddress,
     SubtreeUnsupported,
+    WalkFieldsRefused,
     fsencode_path,
 )
 
@@ -57,8 +62,10 @@ MAX_BACKLOG = 200_000
 #: Subtree requests in flight to one agent, at most: an agent walks each one as fast
 #: as its cores allow, so more only compete for them (measured in bench/README.md).
 SUBTREE_PER_HOST = 4
-#: Paths sent in one subtree request, at most.
+#: Paths sent in one subtree request, at most, and their bytes (the agent takes request
+#: bodies up to 1 MiB; exclusion patterns take at most half of it).
 MAX_BATCH = 64
+MAX_BATCH_BYTES = 256 * 1024
 _BACKOFF_FIRST = 0.2
 _BACKOFF_MAX = 5.0
 MODES = ("auto", "subtree", "listdir")
@@ -82,6 +89,8 @@ class _Hosts:
         self._failures = [0] * len(addresses)
         self.inflight = [0] * len(addresses)
         self.subtree = [True] * len(addresses)
+        #: Agents that refused the walk request's newer fields: asked without them.
+        self.legacy = [False] * len(addresses)
         self.requests = [0] * len(addresses)
         self.dirs = [0] * len(addresses)
         self.last_ok = time.monotonic()
@@ -321,12 +330,32 @@ class Walker:
             if subtree:
                 lanes = min(len(self._threads), SUBTREE_PER_HOST * len(self.hosts.addresses))
                 n = max(1, min(MAX_BATCH, len(self._todo) // lanes))
-            batch = [self._todo.popleft() for _ in range(min(n, len(self._todo)))]
+            batch = self._batch(n)
         dropped = [p for p in batch if self._is_pruned(p)]
         if dropped:
             for p in dropped:
                 batch.remove(p)
             self._resolve(len(dropped))
+        for path in [p for p in batch if len(p) > MAX_PATH]:  # no agent serves it: say so, go on
+            batch.remove(path)
+            error = OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), self._filename(path))
+            self._deliver(_Dir(path, [], error))
+        return batch
+
+    def _batch(self, n: int) -> list[bytes]:
+        """Up to ``n`` queued paths of at most ``MAX_BATCH_BYTES`` in all (at least one).
+        The top goes alone: it is the one path whose last component may be a symlink
+        that is followed (``os.walk(top)`` follows it)."""
+        todo = self._todo
+        batch = [todo.popleft()]
+        size = len(batch[0])
+        if batch[0] == self.top:
+            return batch
+        while todo and len(batch) < n:
+            size += len(todo[0]) + 8
+            if size > MAX_BATCH_BYTES or todo[0] == self.top:
+                break
+            batch.append(todo.popleft())
         return batch
 
     def _worker(self) -> None:
@@ -390,12 +419,16 @@ class Walker:
         pending = dict.fromkeys(batch)  # ordered set of paths this request owes
         try:
             if subtree:
-                done = self._serve_subtree(conn, batch, pending)
+                done = self._serve_subtree(idx, conn, batch, pending)
             else:
                 (path,) = batch
                 listing = conn.listdir(path, self.stat, self._filename(path), self.exclusions)
                 self._complete(path, listing.entries, listing.error, pending)
                 done = 1
+        except WalkFieldsRefused:
+            self.hosts.legacy[idx] = True
+            self._requeue(list(pending))
+            return
         except SubtreeUnsupported:
             self.hosts.subtree[idx] = False
             if self.mode == "subtree":
@@ -411,18 +444,22 @@ class Walker:
             self._requeue(list(pending))
         self.hosts.succeeded(idx, done)
 
-    def _serve_subtree(self, conn: AgentHTTP, batch: list[bytes], pending: dict[bytes, None]) -> int:
+    def _serve_subtree(self, idx: int, conn: AgentHTTP, batch: list[bytes], pending: dict[bytes, None]) -> int:
         ex = self.exclusions
         budget = self._budget
         if self.max_entries is not None:
             budget = max(1, min(budget, self.max_entries - self.entries))
+        modern = not self.hosts.legacy[idx]
         req = WalkRequest(
             paths=batch, stat=self.stat, max_entries=budget, max_seconds=MAX_SECONDS,
             exclude_dirs=list(ex.dirs), exclude_files=list(ex.files), one_fs=ex.one_fs,
+            frontier_frames=modern, nofollow=modern and batch[0] != self.top,
         )
         current: Optional[bytes] = None
         entries: list[Entry] = []
         error: Optional[OSError] = None
+        #: Subdirectories of ``current`` the agent sent to the frontier before it was complete.
+        early: set[bytes] = set()
         done = 0
         for frame in conn.walk(req):
             if isinstance(frame, EntriesFrame):
@@ -431,7 +468,7 @@ class Walker:
                 entries.extend(frame.entries)
             elif isinstance(frame, DirFrame):
                 if current is not None:
-                    self._complete(current, entries, error, pending)
+                    self._complete_early(current, entries, error, pending, early)
                     done += 1
                 if frame.path not in pending:
                     raise AgentProtocolError(f"agent listed {frame.path!r}, which was not asked for")
@@ -440,9 +477,21 @@ class Walker:
                 if current is None:
                     raise AgentProtocolError("error before any directory")
                 error = OSError(frame.errno, frame.message, self._filename(current))
+            elif isinstance(frame, FrontierFrame):
+                self._requeue(self._frontier_frame(frame.paths, current, pending, early))
+            elif isinstance(frame, SkipFrame):
+                # A path found by the walk that is a symlink now: not walked, as os.walk.
+                if current is not None:
+                    self._complete_early(current, entries, error, pending, early)
+                    done += 1
+                    current = None
+                if frame.path not in pending:
+                    raise AgentProtocolError(f"agent skipped {frame.path!r}, which was not asked for")
+                del pending[frame.path]
+                self._resolve(1)
             elif isinstance(frame, EndFrame):
                 if current is not None:
-                    self._complete(current, entries, error, pending)
+                    self._complete_early(current, entries, error, pending, early)
                     done += 1
                 if set(frame.frontier) != set(pending):
                     raise AgentProtocolError("the agent's frontier does not match the directories it left")
@@ -451,6 +500,37 @@ class Walker:
                 self._budget = min(self._budget * 2, self.max_budget)
                 return done
         raise AgentProtocolError("walk answer ended before its end frame")
+
+    @staticmethod
+    def _frontier_frame(paths: list[bytes], current: Optional[bytes], pending: dict[bytes, None],
+                        early: set[bytes]) -> list[bytes]:
+        """Paths of a ``frontier`` frame: those owed, to queue now; subdirectories of
+        the directory still arriving go to ``early`` until it is complete."""
+        ready = []
+        prefix = None if current is None else current if current.endswith(b"/") else current + b"/"
+        for path in paths:
+            if path in pending:
+                del pending[path]
+                ready.append(path)
+            elif prefix is not None and path.startswith(prefix) and b"/" not in path[len(prefix):] \
+                    and len(path) > len(prefix):
+                early.add(path)
+            else:
+                raise AgentProtocolError(f"agent sent {path!r} to the frontier, which is not owed")
+        return ready
+
+    def _complete_early(self, path: bytes, entries: list[Entry], error: Optional[OSError],
+                        pending: dict[bytes, None], early: set[bytes]) -> None:
+        """:meth:`_complete`, then the subdirectories already sent to the frontier
+        (``early``) are queued instead of owed; void when the listing failed."""
+        if early and error is None and not early <= {_join(path, e.name) for e in entries if e.kind == KIND_DIR}:
+            raise AgentProtocolError(f"agent sent to the frontier what {path!r} does not hold")
+        self._complete(path, entries, error, pending)
+        if early and error is None:
+            for sub in early:
+                del pending[sub]
+            self._requeue(list(early))
+        early.clear()
 
     def _complete(self, path: bytes, entries: list[Entry], error: Optional[OSError],
                   pending: dict[bytes, None]) -> None:

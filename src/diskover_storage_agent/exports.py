@@ -4,6 +4,8 @@ A request path is split into components; ``..`` is refused outright, empty and `
 components are dropped. The export whose REMOTE prefix matches the most leading
 components wins; the rest of the path is resolved below that export's LOCAL
 directory by :func:`open_beneath`, which never leaves it, not even through symlinks.
+Directories are opened one component at a time, so a path may be longer than
+``PATH_MAX``; :data:`MAX_PATH` bounds what a request may name.
 """
 
 from __future__ import annotations
@@ -14,15 +16,23 @@ import stat
 from dataclasses import dataclass
 from typing import Optional
 
+from diskover_agent.protocol import MAX_PATH
+
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_SYMLINKS = 40  # as Linux's MAXSYMLINKS
-MAX_PATH = 4096  # PATH_MAX
+#: Directory fds :meth:`ExportTable.open_beneath` keeps open while it descends (the
+#: nearest ancestors, for a symlink's ``..``); farther ones are opened again if needed.
+_OPEN_WINDOW = 8
 #: First component of the agent's own endpoints (``/_agent/...``); no export may cover it.
 CONTROL_PREFIX = b"_agent"
 
 
 class BadPath(ValueError):
     """A request path that is not a valid absolute remote path."""
+
+
+class IsSymlink(OSError):
+    """A directory asked for without following its last component is a symlink."""
 
 
 class OutsideExport(PermissionError):
@@ -38,8 +48,6 @@ def split_path(path: bytes) -> tuple[bytes, ...]:
         raise BadPath("path must be absolute")
     if b"\0" in path:
         raise BadPath("path contains a NUL byte")
-    if len(path) > MAX_PATH:
-        raise BadPath(f"path longer than {MAX_PATH} bytes")
     parts = tuple(p for p in path.split(b"/") if p and p != b".")
     if b".." in parts:
         raise BadPath("path contains a '..' component")
@@ -85,6 +93,36 @@ class ExportTable:
                 return export, parts[len(prefix):]
         return None
 
+    def open_remote(self, path: bytes, follow_last: bool = True) -> int:
+        """Open the exported directory at remote ``path`` and return its fd.
+
+        Raises ``OSError`` (``ENAMETOOLONG`` past :data:`MAX_PATH` bytes),
+        :class:`OutsideExport`, or, with ``follow_last=False``, :class:`IsSymlink`
+        when the last component is a symlink (it is then not followed).
+        """
+        if len(path) > MAX_PATH:
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), os.fsdecode(path))
+        found = self.lookup(split_path(path))
+        if found is None:
+            raise OutsideExport(path)
+        export, rel = found
+        if follow_last or not rel:
+            return self.open_beneath(export, rel, path)
+        parent = self.open_beneath(export, rel[:-1], path)
+        try:
+            return os.open(rel[-1], _OPEN_DIR, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                try:
+                    is_link = stat.S_ISLNK(os.stat(rel[-1], dir_fd=parent, follow_symlinks=False).st_mode)
+                except OSError:
+                    is_link = False
+                if is_link:
+                    raise IsSymlink(exc.errno, "is a symlink now", os.fsdecode(path)) from None
+            raise OSError(exc.errno, exc.strerror, os.fsdecode(path)) from None
+        finally:
+            os.close(parent)
+
     def open_beneath(self, export: Export, rel: tuple[bytes, ...], remote: bytes) -> int:
         """Open the directory ``rel`` below ``export`` and return its fd.
 
@@ -94,8 +132,11 @@ class ExportTable:
         directory. Anything that would step above the export raises
         :class:`OutsideExport`; a symlink swapped in between check and use cannot
         escape because no path is ever resolved by the kernel across a symlink.
+        At most ``_OPEN_WINDOW`` fds are open at once, whatever the depth: a ``..``
+        above them opens its directory again from the export, component by component.
         """
-        stack = [os.open(export.local, _OPEN_DIR & ~os.O_NOFOLLOW)]
+        names: list[bytes] = []  # the real directories from the export down to fds[-1]
+        fds = [self._open_root(export)]
         todo = list(reversed(rel))
         links = 0
         try:
@@ -104,18 +145,24 @@ class ExportTable:
                 if name in (b"", b"."):
                     continue
                 if name == b"..":
-                    if len(stack) == 1:
+                    if not names:
                         raise OutsideExport(remote)
-                    os.close(stack.pop())
+                    names.pop()
+                    os.close(fds.pop())
+                    if not fds:
+                        fds.append(self._reopen(export, names, remote))
                     continue
                 try:
-                    stack.append(os.open(name, _OPEN_DIR, dir_fd=stack[-1]))
+                    fds.append(os.open(name, _OPEN_DIR, dir_fd=fds[-1]))
+                    names.append(name)
+                    if len(fds) > _OPEN_WINDOW:
+                        os.close(fds.pop(0))
                     continue
                 except OSError as exc:
                     if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                         raise OSError(exc.errno, exc.strerror, os.fsdecode(remote)) from None
                     try:
-                        target = os.readlink(name, dir_fd=stack[-1])
+                        target = os.readlink(name, dir_fd=fds[-1])
                     except OSError:  # not a symlink: a real ENOTDIR
                         raise OSError(exc.errno, exc.strerror, os.fsdecode(remote)) from None
                 links += 1
@@ -125,16 +172,34 @@ class ExportTable:
                     inside = self._strip_local(export, split_path_loose(target))
                     if inside is None:
                         raise OutsideExport(remote)
-                    while len(stack) > 1:
-                        os.close(stack.pop())
+                    while fds:
+                        os.close(fds.pop())
+                    names.clear()
+                    fds.append(self._open_root(export))
                     todo.extend(reversed(inside))
                 else:
                     todo.extend(reversed(target.split(b"/")))
-            fd = stack.pop()
-            return fd
+            return fds.pop()
         finally:
-            for fd in stack:
+            for fd in fds:
                 os.close(fd)
+
+    @staticmethod
+    def _open_root(export: Export) -> int:
+        return os.open(export.local, _OPEN_DIR & ~os.O_NOFOLLOW)
+
+    def _reopen(self, export: Export, names: list[bytes], remote: bytes) -> int:
+        """The directory ``names`` below the export, opened again without following anything."""
+        fd = self._open_root(export)
+        try:
+            for name in names:
+                child = os.open(name, _OPEN_DIR, dir_fd=fd)
+                os.close(fd)
+                fd = child
+        except OSError as exc:
+            os.close(fd)
+            raise OSError(exc.errno, exc.strerror, os.fsdecode(remote)) from None
+        return fd
 
     def stat_inside(self, remote: bytes) -> Optional[os.stat_result]:
         """The stat of what a remote path leads to, following symlinks only while

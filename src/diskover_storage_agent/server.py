@@ -43,7 +43,7 @@ from diskover_agent.protocol import (
 
 from . import __version__
 from .config import AgentConfig, tls_context
-from .exports import CONTROL_PREFIX, BadPath, ExportTable, OutsideExport, split_path
+from .exports import CONTROL_PREFIX, MAX_PATH, BadPath, ExportTable, OutsideExport, split_path
 from .filters import MAX_PATTERNS, Filter
 from .listing import GzipReader, Listing, Reader, TextListing, accepts_gzip
 from .observability import METRICS_TYPE, Metrics, RequestRecord, access_log
@@ -58,6 +58,8 @@ _FORBIDDEN = {errno.EACCES, errno.EPERM}
 _BOOL = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 _MAX_QUERY_FIELDS = 2 * MAX_PATTERNS + 8
 _HEADERS = {PROTOCOL_HEADER: str(VERSION)}
+#: Longest request line: a listing of a MAX_PATH path, every byte percent-encoded, and its query.
+MAX_LINE = 4 * MAX_PATH
 
 
 class BadRequest(ValueError):
@@ -404,6 +406,8 @@ class Agent:
             req = ListingRequest(path, parts, params)
         except BadRequest as exc:
             return error_response(400, "bad_request", str(exc))
+        if len(path) > MAX_PATH:
+            return os_error_response(OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG)), path)
         found = self.exports.lookup(parts)
         if found is None:
             return error_response(
@@ -643,7 +647,7 @@ async def serve(config: AgentConfig, ready: Optional[Callable[[list[str]], None]
     agent = Agent(config)
     # aiohttp's low-level server: no router, so that any path (newlines, invalid
     # UTF-8...) reaches the handler as the raw bytes the client sent.
-    server = web.Server(agent.handle, access_log=None, logger=ProtocolLog(log, {}))
+    server = web.Server(agent.handle, access_log=None, logger=ProtocolLog(log, {}), max_line_size=MAX_LINE)
     agent.metrics.watch(lambda: len(server.connections), lambda: agent.slots.waiting)
     runner = web.ServerRunner(server, shutdown_timeout=config.shutdown_timeout)
     ssl_context = tls_context(config)
