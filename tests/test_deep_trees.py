@@ -288,6 +288,13 @@ def test_frontier_frames_are_bounded(wide_under_long, start_agent):
     end = msgspec.msgpack.decode(frames[-1])
     assert end[0] == "end" and len(end[1]) == len(want) and set(end[1]) == want
     assert not [f for f in frames if msgspec.msgpack.decode(f)[0] == "frontier"]
+    del frames, end
+    body = msgspec.json.encode({"paths": [os.fsdecode(wide)], "max_entries": 1})  # the same, in ndjson
+    status, _h, data = http_get(agent.port, "/_agent/v1/walk", method="POST", body=body,
+                                headers={"Content-Type": "application/json"}, timeout=60)
+    assert status == 200
+    end = msgspec.json.decode(data.splitlines()[-1])
+    assert end[0] == "end" and len(end[1]) == len(want) and {os.fsencode(p) for p in end[1]} == want
     grown = peak_rss(agent.pid) - base
     print(f"agent peak RSS grew by {grown / 2**20:.1f} MiB; biggest frame {biggest} bytes")
     assert grown < RSS_GROWTH
