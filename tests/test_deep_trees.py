@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -320,3 +321,38 @@ def test_250000_subdirectories_in_one_directory(tree_root, start_agent):
     grown = peak_rss(agent.pid) - base
     print(f"made 250,000 directories in {made:.1f} s; agent peak RSS grew by {grown / 2**20:.1f} MiB")
     assert grown < RSS_GROWTH
+
+
+# -- descriptors: bounded whatever the depth ---------------------------------------------
+
+def test_deep_chain_with_few_descriptors(tree_root, start_agent):
+    """300 nested directories walked, and listed by a 300-component path, by an agent
+    allowed 100 descriptors: it keeps open at most 32 levels of a walk and a few of a path."""
+    make_chain(os.fsencode(tree_root), [b"d"] * 300)
+    agent = start_agent([(REMOTE, str(tree_root))])
+    resource.prlimit(agent.pid, resource.RLIMIT_NOFILE, (100, 100))
+    expected = fwalk_reference(tree_root)
+    rows, errors = walk_rows(REMOTE, [agent.hostspec], workers=4)
+    assert errors == []
+    assert as_bytes_rows(rows) == expected
+    status, _h, body = http_get(agent.port, REMOTE + "/d" * 299 + "?format=ndjson")
+    assert status == 200, body[:200]
+    assert b'"d","d"' in body
+
+
+def test_symlink_up_past_the_open_descriptors(tree_root, start_agent):
+    """A symlink's ``..`` that climbs above the descriptors kept open while opening a path
+    is resolved by opening the directories again from the export."""
+    levels = make_chain(os.fsencode(tree_root), [b"l%02d" % i for i in range(20)])
+    os.mkdir(levels[4] + b"/target")
+    with open(levels[4] + b"/target/inside", "wb"):
+        pass
+    os.symlink(b"../" * 15 + b"target", levels[-1] + b"/up")
+    agent = start_agent([(REMOTE, str(tree_root))])
+    remote = RB + levels[-1][len(os.fsencode(tree_root)):] + b"/up"
+    status, _h, body = http_get(agent.port, urllib.parse.quote_from_bytes(remote) + "?format=ndjson")
+    assert status == 200, body[:200]
+    assert b'["inside","f"' in body
+    os.symlink(b"../" * 21 + b"etc", levels[-1] + b"/out")  # one level above the export: refused
+    status, _h, body = http_get(agent.port, urllib.parse.quote_from_bytes(remote[:-2] + b"out"))
+    assert status == 403, body[:200]
