@@ -164,14 +164,17 @@ def test_long_paths_in_one_request_and_a_listing(deep_tree, start_agent):
     agent = start_agent([(REMOTE, str(deep_tree))])
     long_path = max((r for r, _, _ in fwalk_reference(deep_tree) if b"side" not in r), key=len)
     assert len(long_path) > 9_000
+    too_long = RB + b"/a" * (MAX_PATH // 2)
     frames = [msgspec.msgpack.decode(f) for f in raw_walk(agent.port, WalkRequest(
-        paths=[long_path, RB + b"/plain"], max_entries=100_000))]
-    assert [f for f in frames if f[0] == "dir"] == [["dir", long_path, None], ["dir", RB + b"/plain", None]]
-    assert not [f for f in frames if f[0] == "error"]
+        paths=[long_path, too_long, RB + b"/plain"], max_entries=100_000))]
+    assert [f[:2] for f in frames if f[0] in ("dir", "error")] == [
+        ["dir", long_path], ["dir", too_long], ["error", errno.ENAMETOOLONG], ["dir", RB + b"/plain"]]
     target = urllib.parse.quote_from_bytes(long_path, safe="/") + "?format=ndjson"
     status, _h, body = http_get(agent.port, target)
     assert status == 200, body[:200]
     assert b'"file-39-0"' in body
+    status, _h, body = http_get(agent.port, urllib.parse.quote_from_bytes(too_long) + "?format=ndjson")
+    assert (status, json.loads(body)["error"]) == (404, "ENAMETOOLONG")
 
 
 @pytest.fixture
