@@ -104,6 +104,13 @@ class _Walk:
         self.window = window
         self.typed = _typed(top)
         self.split = split(self.typed)
+        #: Bottom-up read ahead: directory (path without trailing slashes) -> [its subdirectories
+        #: not yet done, its yield], for each directory listed whose subtree is incomplete.
+        self.held: dict[bytes, list[Any]] = {}
+        #: os.walk's order: the directories asked for and not yet yielded (at most ``window``
+        #: besides the one awaited), listed ones in ``stash``.
+        self.ahead: set[bytes] = set()
+        self.stash: dict[bytes, _Dir] = {}
 
     def listing(self, d: _Dir) -> tuple[Any, list[Any], list[Any], set[Any]]:
         root = self.top if d.path == self.walker.top else self.typed(d.path)
@@ -146,8 +153,7 @@ class _Walk:
                 walker.add(_join(path, os.fsencode(name)))
 
     def bottom_up(self, results: Iterator[_Dir]) -> Iterator[tuple[Any, list[Any], list[Any]]]:
-        # directory (its path without trailing slashes) -> [subdirectories not yet done, its yield]
-        waiting: dict[bytes, list[Any]] = {}
+        waiting = self.held
         top = _key(self.walker.top)
         for d in results:
             path = d.path
@@ -179,8 +185,9 @@ class _Walk:
         """Depth first, children in ``dirs`` order, each read when ``os.walk`` would reach
         it or a little before (the next ``window`` directories in that order)."""
         walker = self.walker
-        stash: dict[bytes, _Dir] = {}
-        asked = {walker.top}  # queued, in flight or stashed, not yet taken
+        stash = self.stash
+        asked = self.ahead
+        asked.add(walker.top)
         # per directory on the current path: (its yield, for bottom-up; the children still to visit)
         stack: list[tuple[Any, collections.deque[bytes]]] = []
 
