@@ -105,7 +105,8 @@ def test_bottom_up_reports_errors_like_os_walk(awkward_tree, start_agent):
 
 def test_bottom_up_holds_only_what_is_incomplete(tmp_path, start_agent):
     """Each directory waiting for its subdirectories is an ancestor of a directory still
-    pending in the engine: what is held stays within depth x pending, never the tree."""
+    pending in the engine (or of the one just yielded): what is held stays within
+    depth x (pending + 1), never the tree."""
     depth = 4
     top = make_tree(tmp_path / "t", width=4, depth=depth)
     agents = [start_agent([(REMOTE, str(top))]) for _ in range(2)]
@@ -117,7 +118,8 @@ def test_bottom_up_holds_only_what_is_incomplete(tmp_path, start_agent):
         rows.append(row)
         held = len(walk.held)
         peak = max(peak, held)
-        assert held <= (depth + 1) * max(1, walker._outstanding), (held, walker._outstanding)
+        # each held directory is an ancestor of one still pending or of the one just yielded
+        assert held <= depth * (walker._outstanding + 1), (held, walker._outstanding)
     assert len(rows) == 1 + 8 + 32 + 128 + 512
     assert walk.held == {}
     assert peak > 0  # directories did wait for their subdirectories
@@ -281,3 +283,19 @@ def test_top_errors_reach_onerror_in_every_order(tmp_path, start_agent, topdown,
         assert [(type(e), e.errno, e.filename) for e in errors] == [(exc_type, local[0].errno, f"{REMOTE}/{name}")]
     # without onerror, errors are ignored, as by os.walk
     assert list(parallel_walk(REMOTE + "/nope", hosts=[agent.hostspec], topdown=topdown, readahead=readahead)) == []
+
+
+def test_one_subtree_answer_comes_in_os_walk_order(tmp_path, start_agent):
+    """The agent walks children in name order, so a walk that one answer holds yields
+    directories in the order os.walk gives with sorted dirs, whatever the file system's."""
+    top = tmp_path / "t"
+    for i in (j * 7 % 30 for j in range(30)):  # created out of order
+        (top / f"n{i:02}" / "sub").mkdir(parents=True)
+    agent = start_agent([(REMOTE, str(top))])
+    want = []
+    for root, dirs, _ in os.walk(str(top)):
+        dirs.sort()
+        want.append(REMOTE + root[len(str(top)):])
+    assert want != [REMOTE + r[len(str(top)):] for r, _, _ in os.walk(str(top))]  # readdir order differs
+    got = [r for r, _, _ in parallel_walk(REMOTE, hosts=[agent.hostspec], workers=1)]
+    assert got == want
