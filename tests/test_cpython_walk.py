@@ -88,8 +88,8 @@ if test_os is not None:
 
     READ_AHEAD_XFAIL = pytest.mark.xfail(
         strict=True,
-        reason="read-ahead: the agent lists SUB1 before the test renames it (right after its parent is "
-               "yielded), so the walk yields SUB1 as it was read and onerror is never called; "
+        reason="read-ahead: the agent lists SUB1 in the same answer as its parent, before the test renames "
+               "it after the first yield, so the walk yields SUB1 as it was read and onerror is never called; "
                "readahead=False gives os.walk's timing",
     )
 

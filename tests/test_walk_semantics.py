@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from diskover_agent import oswalk, parallel_walk, parallel_walk_entries
+from diskover_agent import AgentConnectionError, oswalk, parallel_walk, parallel_walk_entries
 from diskover_agent.walk import Walker
 
 from conftest import REMOTE, as_bytes_rows, reference_walk
@@ -261,6 +261,20 @@ def test_os_walk_timing_reads_a_bounded_window_ahead(tmp_path, start_agent):
         results.close()
         assert n == 1 + 10 + 50 + 250
         assert not walk.ahead and not walk.stash
+
+
+@pytest.mark.parametrize("topdown", [True, False])
+def test_os_walk_timing_raises_when_the_agents_are_gone(tmp_path, start_agent, topdown):
+    """The next directories are read only once the walk reaches them: with the only agent
+    stopped at the first yield, the walk raises, as every walk does when no agent answers."""
+    top = make_tree(tmp_path / "t", width=3, depth=3)
+    agent = start_agent([(REMOTE, str(top))])
+    walk = parallel_walk(REMOTE, hosts=[agent.hostspec], workers=2, readahead=False, topdown=topdown,
+                         retry_for=1.0)
+    next(walk)
+    agent.stop()
+    with pytest.raises(AgentConnectionError):
+        list(walk)
 
 
 def test_os_walk_timing_refuses_subtree_mode(start_agent, tmp_path):
