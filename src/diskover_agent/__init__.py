@@ -11,7 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .connection import AgentConnection
 from .entry import AgentDirEntry
 from .errors import AgentBusyError, AgentConnectionError, AgentError, AgentHTTPError, AgentProtocolError
-from .walk import parallel_walk, parallel_walk_entries
+from .oswalk import parallel_walk, parallel_walk_entries
 
 try:
     __version__ = version("diskover-storage-agent")

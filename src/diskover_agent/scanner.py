@@ -39,9 +39,9 @@ else:  # pragma: no cover
 
 from .connection import AgentConnection, parse_hosts
 from .entry import AgentDirEntry
+from .oswalk import parallel_walk
 from .protocol import KIND_DIR, KIND_SYMLINK, Exclusions, StatFields
 from .transport import DEFAULT_PORT, RemoteListing, fsencode_path, read_token_file
-from .walk import parallel_walk
 
 __all__ = [
     "abspath",

@@ -1,4 +1,4 @@
-"""``parallel_walk``: ``os.walk`` through many agents at once.
+"""The engine behind ``parallel_walk``: ``os.walk`` through many agents at once.
 
 The engine is a work queue of directory paths over hosts. ``workers`` threads each
 take a batch of paths, send it to the next healthy host and stream back every
@@ -17,15 +17,13 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, AnyStr, Optional, Union
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Optional, Union
 
-from .connection import is_walk_dir, parse_hosts
-from .entry import AgentDirEntry
+from .connection import parse_hosts
 from .errors import AgentBusyError, AgentConnectionError, AgentProtocolError
 from .protocol import (
     KIND_DIR,
-    KIND_SYMLINK,
     MAX_PATH,
     DirFrame,
     EndFrame,
@@ -69,8 +67,6 @@ MAX_BATCH_BYTES = 256 * 1024
 _BACKOFF_FIRST = 0.2
 _BACKOFF_MAX = 5.0
 MODES = ("auto", "subtree", "listdir")
-
-OnError = Optional[Callable[[OSError], object]]
 
 
 def _join(path: bytes, name: bytes) -> bytes:
@@ -172,12 +168,15 @@ class Walker:
         roots: Optional[Sequence[bytes]] = None,
         max_entries: Optional[int] = None,
         max_backlog: int = MAX_BACKLOG,
+        expand: bool = True,
         **options: Any,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        if not expand and mode != "listdir":
+            raise ValueError("expand=False lists one directory per request: mode must be 'listdir'")
         self.top = fsencode_path(top)
         self._bytes = isinstance(top, bytes)
         self.hosts = _Hosts(parse_hosts(hosts, port))
@@ -205,6 +204,8 @@ class Walker:
         self._backlog = 0
         self._exited = 0
         self._pruned: set[bytes] = set()
+        #: Walk the subdirectories each listing shows (False: only the paths given and added).
+        self.expand = expand
         self._stopping = False
         self._conns: list[AgentHTTP] = []
         self._threads = [
@@ -536,12 +537,12 @@ class Walker:
                   pending: dict[bytes, None]) -> None:
         """Hand one directory to the generator; its subdirectories become owed work."""
         del pending[path]
-        if error is None:
+        if error is None and self.expand:
             subdirs = [_join(path, e.name) for e in entries if e.kind == KIND_DIR]
             if subdirs:
                 self._outstanding_add(len(subdirs))
                 pending.update(dict.fromkeys(subdirs))
-        else:
+        elif error is not None:
             entries = []
         with self._results_ready:
             self.entries += len(entries)
@@ -549,109 +550,3 @@ class Walker:
 
     def _filename(self, path: bytes) -> Union[str, bytes]:
         return path if self._bytes else os.fsdecode(path)
-
-
-def _by_name(entry: Entry) -> bytes:
-    return entry.name
-
-
-def _typed(top: AnyStr) -> Callable[[bytes], AnyStr]:
-    return (lambda b: b) if isinstance(top, bytes) else os.fsdecode  # type: ignore[return-value]
-
-
-def _after_yield(walker: Walker, root: bytes, before: list, after: list, links: set) -> None:
-    """Apply what the loop body did to ``dirs``: removed names prune, new names are walked."""
-    if before == after:
-        return
-    kept = set(after)
-    for name in before:
-        if name not in kept:
-            walker.prune(_join(root, os.fsencode(name)))
-    known = set(before)
-    for name in after:
-        if name not in known and name not in links:
-            walker.add(_join(root, os.fsencode(name)))
-
-
-def _listed(
-    top: AnyStr, hosts: Union[str, Sequence[str], None], onerror: OnError, **walker_args: Any
-) -> Iterator[tuple[Walker, AnyStr, _Dir]]:
-    """The directories a walk lists, with their roots typed like ``top``; errors to ``onerror``."""
-    if hosts is None:
-        raise ValueError("hosts is required")
-    top = os.fspath(top)
-    walker = Walker(top, hosts, **walker_args)
-    typed = _typed(top)
-    for d in walker.dirs():
-        if d.error is not None:
-            if onerror is not None:
-                onerror(d.error)
-            continue
-        yield walker, (top if d.path == walker.top else typed(d.path)), d
-
-
-def parallel_walk(
-    top: AnyStr,
-    workers: int = 40,
-    hosts: Union[str, Sequence[str], None] = None,
-    port: int = DEFAULT_PORT,
-    onerror: OnError = None,
-    **options: Any,
-) -> Iterator[tuple[AnyStr, list[AnyStr], list[AnyStr]]]:
-    """Walk a remote tree like ``os.walk(top)`` (top-down, symlinks not followed).
-
-    Directories are listed ``workers`` requests at a time, spread over ``hosts``,
-    and yielded as they arrive (not in ``os.walk``'s order), ``dirs`` and ``files``
-    each sorted by name as the original's were. Removing names from ``dirs`` keeps
-    the walk out of them. Errors listing a directory go to ``onerror`` (an
-    ``OSError`` with ``filename`` set), as with ``os.walk``;
-    :class:`AgentConnectionError` is raised when no agent answers for ``retry_for``
-    seconds. Leaving the loop early stops every thread and socket. ``options`` are
-    :class:`Walker`'s (``mode``, ``retry_for``, ``exclude_dirs``, ``exclude_files``,
-    ``one_fs``: pruning applied by the agents, which never read what it prunes) and
-    :class:`~diskover_agent.transport.ClientOptions`' (``timeout``, ``connect_timeout``,
-    ``token``, ``tls``, ``cafile``, ``verify``, ``compress``).
-    """
-    typed = _typed(top)
-    for walker, root, d in _listed(top, hosts, onerror, port=port, workers=workers, **options):
-        dirs: list[Any] = []
-        files: list[Any] = []
-        links = set()
-        for e in d.entries:
-            name = typed(e.name)
-            if e.kind == KIND_DIR:
-                dirs.append(name)
-            elif e.kind == KIND_SYMLINK and e.target == KIND_DIR:
-                dirs.append(name)
-                links.add(name)
-            else:
-                files.append(name)
-        dirs.sort()
-        files.sort()
-        before = list(dirs)
-        yield root, dirs, files
-        _after_yield(walker, d.path, before, dirs, links)
-
-
-def parallel_walk_entries(
-    top: AnyStr,
-    workers: int = 40,
-    hosts: Union[str, Sequence[str], None] = None,
-    port: int = DEFAULT_PORT,
-    onerror: OnError = None,
-    **options: Any,
-) -> Iterator[tuple[AnyStr, list[AgentDirEntry[AnyStr]], list[AgentDirEntry[AnyStr]]]]:
-    """:func:`parallel_walk` yielding ``(root, dirs, files)`` of :class:`AgentDirEntry`.
-
-    Every entry carries its lstat record from the listing itself (``entry.stat()``
-    makes no request). Removing entries from ``dirs`` prunes the walk.
-    """
-    typed = _typed(top)
-    for walker, root, d in _listed(top, hosts, onerror, port=port, workers=workers, stat=True, **options):
-        dirs: list[AgentDirEntry[AnyStr]] = []
-        files: list[AgentDirEntry[AnyStr]] = []
-        for e in sorted(d.entries, key=_by_name):
-            (dirs if is_walk_dir(e) else files).append(AgentDirEntry(root, typed(e.name), e))
-        before = [x.name for x in dirs]
-        yield root, dirs, files
-        _after_yield(walker, d.path, before, [x.name for x in dirs], {x.name for x in dirs if x.is_symlink()})

@@ -1,6 +1,6 @@
 """The subtree walk: many directories in one answer, up to a budget.
 
-Depth-first below each requested directory, every child opened by fd relative to
+Depth-first below each requested directory, children in name order, every child opened by fd relative to
 its parent with ``O_NOFOLLOW`` (symlinks are never walked, as with ``os.walk``). Each
 directory is streamed as soon as it is read. Once the budget (entries or seconds) is
 spent, the walk stops between two directories and answers the frontier: the
@@ -318,7 +318,7 @@ class SubtreeWalk:
             yield self._error(exc)
         else:
             if subdirs:
-                subdirs.reverse()  # pop() then takes them in listing order
+                subdirs.sort(reverse=True)  # pop() then takes them in name order, as dirs is sorted
                 self._stack.append((fd, path, subdirs))
                 self._kept += kept
                 pushed = True
