@@ -150,7 +150,7 @@ class _Walk:
         known = set(before)
         for name in after:
             if (self.follow and name in links) or (name not in known and name not in links):
-                walker.add(_join(path, os.fsencode(name)))
+                walker.add(_join(path, os.fsencode(name)), follow=self.follow)
 
     def bottom_up(self, results: Iterator[_Dir]) -> Iterator[tuple[Any, list[Any], list[Any]]]:
         waiting = self.held
@@ -164,7 +164,7 @@ class _Walk:
                 below = len(dirs) - (0 if self.follow else len(links))  # the engine walks real ones
                 if self.follow:
                     for name in links:
-                        self.walker.add(_join(path, os.fsencode(name)))
+                        self.walker.add(_join(path, os.fsencode(name)), follow=True)
                 if below:
                     waiting[_key(path)] = [below, (root, dirs, files)]
                     continue

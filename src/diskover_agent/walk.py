@@ -166,6 +166,7 @@ class Walker:
         exclude_files: Iterable[Union[str, bytes]] = (),
         one_fs: bool = False,
         roots: Optional[Sequence[bytes]] = None,
+        follow_top: Optional[bool] = None,
         max_entries: Optional[int] = None,
         max_backlog: int = MAX_BACKLOG,
         expand: bool = True,
@@ -188,6 +189,13 @@ class Walker:
         self.max_budget = max_budget
         self._budget = min(FIRST_BUDGET, max_budget)
         self._todo: collections.deque[bytes] = collections.deque(roots if roots is not None else [self.top])
+        #: Paths opened following a symlink in their last component, as ``os.walk`` opens
+        #: its top (and, with ``followlinks``, the links it descends into); every other
+        #: path is a directory the walk found, which is not walked if it is a symlink now.
+        #: ``follow_top`` defaults to whether ``roots`` are the top alone.
+        if follow_top is None:
+            follow_top = roots is None or list(roots) == [self.top]
+        self._follow: set[bytes] = {self.top} if follow_top else set()
         self._cond = threading.Condition()
         #: Workers waiting for a host (all set aside, or all at their request cap) wait here.
         self._host_free = threading.Condition()
@@ -245,9 +253,12 @@ class Walker:
         """Keep the walk out of ``path``: queued work for it is dropped, results skipped."""
         self._pruned.add(path)
 
-    def add(self, path: bytes) -> None:
-        """Walk a directory the walk did not know about (a name added to ``dirs``)."""
+    def add(self, path: bytes, follow: bool = False) -> None:
+        """Walk a directory the walk did not know about (a name added to ``dirs``, or a
+        symlink to follow); with ``follow``, a symlink in its last component is followed."""
         with self._cond:
+            if follow:
+                self._follow.add(path)
             self._outstanding_add(1)
             self._todo.append(path)
             self._cond.notify()
@@ -345,16 +356,17 @@ class Walker:
 
     def _batch(self, n: int) -> list[bytes]:
         """Up to ``n`` queued paths of at most ``MAX_BATCH_BYTES`` in all (at least one).
-        The top goes alone: it is the one path whose last component may be a symlink
-        that is followed (``os.walk(top)`` follows it)."""
+        A path to follow (the top, a followed link) goes alone: the request says whether
+        the last components of all its paths may be symlinks."""
         todo = self._todo
+        follow = self._follow
         batch = [todo.popleft()]
         size = len(batch[0])
-        if batch[0] == self.top:
+        if batch[0] in follow:
             return batch
         while todo and len(batch) < n:
             size += len(todo[0]) + 8
-            if size > MAX_BATCH_BYTES or todo[0] == self.top:
+            if size > MAX_BATCH_BYTES or todo[0] in follow:
                 break
             batch.append(todo.popleft())
         return batch
@@ -454,7 +466,7 @@ class Walker:
         req = WalkRequest(
             paths=batch, stat=self.stat, max_entries=budget, max_seconds=MAX_SECONDS,
             exclude_dirs=list(ex.dirs), exclude_files=list(ex.files), one_fs=ex.one_fs,
-            frontier_frames=modern, nofollow=modern and batch[0] != self.top,
+            frontier_frames=modern, nofollow=modern and batch[0] not in self._follow,
         )
         current: Optional[bytes] = None
         entries: list[Entry] = []
