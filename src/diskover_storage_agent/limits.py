@@ -164,7 +164,7 @@ class GuardedConnection(RequestHandler):
                    _IDLE: self._timeouts.keepalive}[phase]
         what = {_HEADER: "no complete request header", _BODY: "no complete request body",
                 _IDLE: "no new request"}[phase]
-        self._abort(f"{phase}_timeout", f"{what} within {seconds:g} s")
+        self._abort(phase, f"{what} within {seconds:g} s")
 
     # -- writing ------------------------------------------------------------------------
 
@@ -188,7 +188,7 @@ class GuardedConnection(RequestHandler):
             self._send_mark = size
             self._send_timer = self._loop.call_later(self._timeouts.send, self._check_send)
             return
-        self._abort("send_timeout", f"the answer made no progress for {self._timeouts.send:g} s")
+        self._abort("send", f"the answer made no progress for {self._timeouts.send:g} s")
 
     def _buffered(self) -> int:
         transport = self.transport
