@@ -396,29 +396,6 @@ def test_keep_alive_many_requests_one_socket(awkward_tree, start_agent):
         conn.close()
 
 
-@pytest.mark.parametrize("order", ["short-first", "long-first"])
-def test_longest_prefix_export_wins(tmp_path, start_agent, order):
-    a, b = tmp_path / "A", tmp_path / "B"
-    (a / "deep" / "only-in-A-deep").mkdir(parents=True)
-    (a / "top-of-A").touch()
-    (b / "sub").mkdir(parents=True)
-    (b / "only-in-B").touch()
-    (b / "sub" / "B-sub-file").touch()
-    exports = [(REMOTE, str(a)), (REMOTE + "/deep", str(b))]
-    if order == "long-first":
-        exports.reverse()
-    agent = start_agent(exports)
-    assert request(agent, REMOTE).body == b"deep/\ntop-of-A\n"
-    assert request(agent, REMOTE + "/deep").body == b"only-in-B\nsub/\n"
-    assert request(agent, REMOTE + "/deep/").body == b"only-in-B\nsub/\n"
-    assert request(agent, REMOTE + "//deep/./sub").body == b"B-sub-file\n"
-    assert request(agent, REMOTE + "/deep/only-in-A-deep").status == 404
-    assert request(agent, REMOTE + "/deeper").status == 404  # inside A, whole components only
-    assert request(agent, REMOTE + "/deep?format=msgpack").status == 200
-    assert {e[0] for e in decode_msgpack(request(agent, REMOTE + "/deep?format=msgpack").body)[1]} == {
-        b"only-in-B", b"sub"}
-
-
 # -- a big directory -----------------------------------------------------------------------
 
 BIG_FILES = 299_990

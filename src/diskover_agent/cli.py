@@ -37,7 +37,16 @@ from .connection import AgentConnection, parse_hosts
 from .entry import AgentDirEntry, make_stat
 from .errors import AgentConnectionError, AgentError, AgentHTTPError
 from .protocol import KIND_DIR, KIND_FILE, KIND_NAMES, KIND_SYMLINK, Entry, Exclusions
-from .transport import DEFAULT_PORT, TRANSIENT_ERRORS, AgentHTTP, ClientOptions, HostAddress, read_token_file
+from .transport import (
+    DEFAULT_PORT,
+    TOKEN_ENV,
+    TRANSIENT_ERRORS,
+    AgentHTTP,
+    ClientOptions,
+    HostAddress,
+    read_token_file,
+    token_problem,
+)
 from .walk import DEFAULT_RETRY_FOR, Walker
 
 PROG = "diskover-agent"
@@ -237,6 +246,10 @@ class Context:
                 token = read_token_file(args.token_file)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
+        elif os.environ.get(TOKEN_ENV):
+            problem = token_problem(os.environ[TOKEN_ENV])
+            if problem:
+                raise UsageError(f"${TOKEN_ENV}: {problem}")
         #: Keyword options of ClientOptions, for AgentConnection and Walker.
         self.options: dict[str, Any] = {
             "timeout": args.timeout, "token": token, "tls": args.tls or args.cafile is not None,

@@ -16,10 +16,15 @@ else:  # pragma: no cover
 
 from . import __version__
 from .config import (
+    DEFAULT_BODY_MEMORY_MIB,
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_KEEPALIVE_TIMEOUT,
     DEFAULT_LISTEN,
     DEFAULT_MAXCONNECTIONS,
     DEFAULT_PORT,
     DEFAULT_QUEUE,
+    DEFAULT_SEND_TIMEOUT,
     TOKEN_ENV,
     AgentConfig,
     ConfigError,
@@ -57,6 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="more output: -v logs every request, -vv debug")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="log lines as plain text (default) or JSON objects, one per line")
+    lim = p.add_argument_group("connection limits (as nginx's)")
+    lim.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT, metavar="SECONDS",
+                     help="a request's header must arrive within this, from its first byte or the "
+                          f"connection (nginx's client_header_timeout; default: {DEFAULT_HEADER_TIMEOUT:g})")
+    lim.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT, metavar="SECONDS",
+                     help="a request's whole body must arrive within this after its header "
+                          f"(default: {DEFAULT_BODY_TIMEOUT:g})")
+    lim.add_argument("--keepalive-timeout", type=float, default=DEFAULT_KEEPALIVE_TIMEOUT, metavar="SECONDS",
+                     help=f"an idle connection is closed after this (default: {DEFAULT_KEEPALIVE_TIMEOUT:g})")
+    lim.add_argument("--send-timeout", type=float, default=DEFAULT_SEND_TIMEOUT, metavar="SECONDS",
+                     help="a client that reads none of its answer for this long is disconnected "
+                          f"(default: {DEFAULT_SEND_TIMEOUT:g})")
+    lim.add_argument("--body-memory", type=int, default=DEFAULT_BODY_MEMORY_MIB, metavar="MIB",
+                     help="request bodies being received, in all; past it a walk request gets 503 "
+                          f"(default: {DEFAULT_BODY_MEMORY_MIB})")
     sec = p.add_argument_group("security")
     sec.add_argument("--token-file", metavar="FILE",
                      help=f"require 'Authorization: Bearer TOKEN' with the token in FILE "
@@ -110,9 +130,13 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
             if not (isinstance(value, list) and all(
                     isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in value)):
                 raise ConfigError(f"--config {path}: replacepath must be a list of [REMOTE, LOCAL] pairs")
-        elif dest in ("port", "maxconnections", "verbose", "max_queue"):
+        elif action.type is int or dest == "verbose":
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"--config {path}: {key} must be an integer")
+        elif action.type is float:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(f"--config {path}: {key} must be a number")
+            value = float(value)
         elif not isinstance(value, str):
             raise ConfigError(f"--config {path}: {key} must be a string")
         if action.choices is not None and value not in action.choices:
@@ -130,6 +154,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             exports=[make_export(remote, local) for remote, local in args.replacepath],
             listen=args.listen, port=args.port, maxconnections=args.maxconnections, max_queue=args.max_queue,
             verbose=args.verbose, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
+            header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+            keepalive_timeout=args.keepalive_timeout, send_timeout=args.send_timeout,
+            body_memory=args.body_memory * 2**20,
         )
         tls_context(config)  # fail now, with a clear message, on a bad certificate or key
     except ConfigError as exc:

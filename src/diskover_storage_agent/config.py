@@ -10,11 +10,20 @@ from typing import Optional
 from diskover_agent import transport
 
 from .exports import CONTROL_PREFIX, BadPath, Export, split_path
+from .limits import MAX_BODY, Timeouts
 
 DEFAULT_LISTEN = "0.0.0.0"
 DEFAULT_PORT = 9999
 DEFAULT_MAXCONNECTIONS = 50
 DEFAULT_QUEUE = 1000
+#: Connection limits, as nginx's client_header_timeout, client_body_timeout,
+#: keepalive_timeout and send_timeout (seconds), and the request bodies held in all (MiB).
+DEFAULT_HEADER_TIMEOUT = 60.0
+DEFAULT_BODY_TIMEOUT = 60.0
+DEFAULT_KEEPALIVE_TIMEOUT = 75.0
+DEFAULT_SEND_TIMEOUT = 60.0
+DEFAULT_BODY_MEMORY_MIB = 64
+_MAX_TIMEOUT = 86400.0
 #: Environment variable holding the bearer token (for containers), like --token-file.
 TOKEN_ENV = "DISKOVER_AGENT_TOKEN"
 
@@ -40,6 +49,12 @@ class AgentConfig:
     max_queue: int = DEFAULT_QUEUE
     #: Seconds a request may wait for a slot before it gets a 503.
     max_wait: float = 30.0
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
+    #: Bytes of request bodies being received (or waiting for a slot) in all.
+    body_memory: int = DEFAULT_BODY_MEMORY_MIB * 2**20
 
     def __post_init__(self) -> None:
         if not self.exports:
@@ -50,8 +65,15 @@ class AgentConfig:
             raise ConfigError("--maxconnections must be at least 1")
         if self.max_queue < 0:
             raise ConfigError("the queue length cannot be negative")
-        if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
-            raise ConfigError("the token must be non-empty and hold no whitespace")
+        if self.token is not None:
+            problem = transport.token_problem(self.token)
+            if problem:
+                raise ConfigError(problem)
+        for name in ("header_timeout", "body_timeout", "keepalive_timeout", "send_timeout"):
+            if not 0 < getattr(self, name) <= _MAX_TIMEOUT:
+                raise ConfigError(f"--{name.replace('_', '-')} must be above 0 and at most {_MAX_TIMEOUT:g} seconds")
+        if self.body_memory < MAX_BODY:
+            raise ConfigError(f"--body-memory must be at least {MAX_BODY // 2**20} MiB (one whole walk request)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together")
         seen = set()
@@ -72,6 +94,24 @@ class AgentConfig:
             if export.remote_parts in seen:
                 raise ConfigError(f"-r REMOTE {os.fsdecode(export.remote)!r} is given twice")
             seen.add(export.remote_parts)
+        check_not_nested(self.exports)
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return Timeouts(self.header_timeout, self.body_timeout, self.keepalive_timeout, self.send_timeout)
+
+
+def check_not_nested(exports: list[Export]) -> None:
+    """Refuse an export whose REMOTE lies inside another's: a path below both would mean
+    two different directories depending on how it is reached."""
+    for outer in exports:
+        for inner in exports:
+            o, i = outer.remote_parts, inner.remote_parts
+            if len(i) > len(o) and i[: len(o)] == o:
+                raise ConfigError(
+                    f"-r REMOTE {os.fsdecode(inner.remote)!r} lies inside -r REMOTE {os.fsdecode(outer.remote)!r}: "
+                    "nested exports are refused (give each tree a REMOTE of its own, outside the other)"
+                )
 
 
 def make_export(remote: str, local: str) -> Export:

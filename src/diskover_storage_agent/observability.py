@@ -40,6 +40,9 @@ class Metrics:
         self.walk_reads = Counter("diskover_agent_walk_reads",
                                   "Chunks of subtree walks read: in turns, or at once because the reading "
                                   "waits for the storage or a turn is stuck", ["how"], registry=r)
+        self.timed_out = Counter("diskover_agent_connections_timed_out",
+                                 "Connections the agent closed because a client took too long, by phase",
+                                 ["phase"], registry=r)
 
     def watch(self, connections: Callable[[], float], waiting: Callable[[], float]) -> None:
         """Gauges read when scraped."""

@@ -36,6 +36,7 @@ from diskover_agent.protocol import (
     TEXT_TYPE,
     VERSION,
     ErrorBody,
+    WalkRequest,
     encode_error,
     errno_name,
     unquote_path,
@@ -45,6 +46,7 @@ from . import __version__
 from .config import AgentConfig, tls_context
 from .exports import CONTROL_PREFIX, MAX_PATH, BadPath, ExportTable, OutsideExport, split_path
 from .filters import MAX_PATTERNS, Filter
+from .limits import Body, BodyBudget, BodyTooLarge, BudgetFull, GuardedServer, connection_of
 from .listing import GzipReader, Listing, Reader, TextListing, accepts_gzip
 from .observability import METRICS_TYPE, Metrics, RequestRecord, access_log
 from .subtree import SubtreeWalk, decode_request, validate
@@ -134,7 +136,7 @@ def no_more(params: dict[str, list[str]]) -> None:
 class ListingRequest:
     """What one listing request asks for, validated."""
 
-    __slots__ = ("filter", "fmt", "parts", "path", "want_stat")
+    __slots__ = ("exclusions", "fmt", "parts", "path", "want_stat")
 
     def __init__(self, path: bytes, parts: tuple[bytes, ...], params: dict[str, list[str]]) -> None:
         self.path = path
@@ -151,8 +153,9 @@ class ListingRequest:
         problem = Filter.check(dirs) or Filter.check(files)
         if problem:
             raise BadRequest(problem)
-        self.filter = Filter.of(dirs, files, one_fs)
-        if self.filter is not None and self.fmt == "text":
+        #: Compiled into a Filter in the thread pool (:func:`_open_lister`), not on the loop.
+        self.exclusions = (dirs, files, one_fs)
+        if (dirs or files or one_fs) and self.fmt == "text":
             raise BadRequest("exclusions need format=msgpack or format=ndjson")
         no_more(params)
 
@@ -337,9 +340,10 @@ class Agent:
         self.exports = ExportTable(config.exports)
         self.pool = ThreadPoolExecutor(max_workers=config.maxconnections, thread_name_prefix="diskover-fs")
         self.lane = Lane(count=lambda how: self.metrics.walk_reads.labels(how).inc())
-        self._token = config.token.encode() if config.token else None
+        self._token = config.token.encode("ascii") if config.token else None
         self._slots: Optional[Slots] = None
         self.metrics = Metrics()
+        self.bodies = BodyBudget(config.body_memory)
 
     @property
     def slots(self) -> Slots:
@@ -349,13 +353,16 @@ class Agent:
         return self._slots
 
     def authorized(self, request: web.BaseRequest) -> Optional[web.Response]:
-        """None when the request may proceed, else the 401 answer."""
+        """None when the request may proceed, else the 401 answer. The header is
+        compared as the bytes sent, in constant time: any other bytes are a 401."""
         if self._token is None:
             return None
-        header = request.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token)
-        return None if ok else unauthorized_response(bool(header))
+        values = [v for k, v in request.raw_headers if k.lower() == b"authorization"]
+        ok = False
+        if len(values) == 1:
+            scheme, _, given = values[0].partition(b" ")
+            ok = scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(b" \t"), self._token)
+        return None if ok else unauthorized_response(bool(values))
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking file-system call in the agent's pool."""
@@ -364,6 +371,9 @@ class Agent:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         record = request["record"] = RequestRecord()
         status = 500
+        conn = connection_of(request)
+        if conn is not None:
+            conn.request_started(request)
         try:
             resp = await self._handle(request)
             status = resp.status
@@ -382,11 +392,17 @@ class Agent:
             return error_response(500, "internal", "internal error, see the agent's log")
         finally:
             record.finish(self.metrics, request.remote, request.method, request.raw_path, status)
+            if conn is not None:
+                conn.request_finished()
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         record: RequestRecord = request["record"]
         if request.version < (1, 0):
             return error_response(400, "bad_request", "HTTP/1.0 or newer is required", headers={"Connection": "close"})
+        if request.body_exists and request.method != "POST":
+            # Only a walk request has a body: no other may make the agent hold one.
+            return error_response(400, "bad_request", f"a {request.method} request takes no body",
+                                  headers={"Connection": "close"})
         try:
             path, params = parse_target(request.raw_path)
             parts = split_path(path)
@@ -478,15 +494,6 @@ class Agent:
         return web.Response(body=b'{"status":"ok"}', content_type=ERROR_TYPE, headers=_HEADERS)
 
     async def _walk(self, request: web.BaseRequest, params: dict[str, list[str]]) -> web.StreamResponse:
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return error_response(413, "too_large", "walk request body too large")
-        except (HttpProcessingError, RequestPayloadError, web.HTTPException, ValueError, OSError) as exc:
-            if isinstance(exc, ConnectionError):
-                raise
-            return error_response(400, "bad_request", f"unreadable request body: {exc}",
-                                  headers={"Connection": "close"})
         is_json = request.content_type.startswith("application/json")
         try:
             fmt = single(params, "format", "ndjson" if is_json else "msgpack")
@@ -495,18 +502,35 @@ class Agent:
             return error_response(400, "bad_request", str(exc))
         if fmt not in ("msgpack", "ndjson"):
             return error_response(400, "bad_request", "format must be msgpack or ndjson")
-        try:
-            req = decode_request(body, request.content_type)
-        except ValueError as exc:
-            return error_response(400, "bad_request", str(exc))
-        problem = validate(req)
-        if problem:
-            return error_response(400, "bad_request", problem)
-        hold = Hold(self.slots)
-        if not await hold.admit():
+        body = Body(self.bodies)
+        try:  # the body counts against the agent's budget until the walk has a slot
+            try:
+                data = await body.read(request)
+            except BodyTooLarge:
+                return error_response(413, "too_large", "walk request body too large", headers={"Connection": "close"})
+            except BudgetFull:
+                return error_response(503, "busy", "the agent holds as many request bodies as it may; retry later",
+                                      headers={"Retry-After": "1", "Connection": "close"})
+            except (HttpProcessingError, RequestPayloadError, ValueError, OSError) as exc:
+                if isinstance(exc, ConnectionError):
+                    raise
+                return error_response(400, "bad_request", f"unreadable request body: {exc}",
+                                      headers={"Connection": "close"})
+            # Decoding and checking a body of up to 1 MiB is CPU work: not on the loop.
+            req = await self.run(_decode_walk, data, request.content_type)
+            del data
+            if isinstance(req, str):
+                return error_response(400, "bad_request", req)
+            hold = Hold(self.slots)
+            admitted = await hold.admit()
+        finally:
+            body.release()
+        if not admitted:
             return busy_response()
         try:
-            return await self._stream(request, SubtreeWalk(self.exports, req, fmt), fmt, None, hold, turns=True)
+            # Compiling the exclusions (SubtreeWalk's Filter) is CPU work too: in the pool, in the slot.
+            walk = await self.run(SubtreeWalk, self.exports, req, fmt)
+            return await self._stream(request, walk, fmt, None, hold, turns=True)
         finally:
             hold.release()
 
@@ -570,6 +594,15 @@ class Agent:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _decode_walk(body: bytes, content_type: str) -> WalkRequest | str:
+    """The walk request in ``body``, or why it is unacceptable."""
+    try:
+        req = decode_request(body, content_type)
+    except ValueError as exc:
+        return str(exc)
+    return validate(req) or req
+
+
 def _method_not_allowed(request: web.BaseRequest, allow: str) -> web.Response:
     return error_response(405, "method_not_allowed", f"{request.method} is not allowed", headers={"Allow": allow})
 
@@ -589,7 +622,7 @@ def _open_lister(fd: int, req: ListingRequest, exports: ExportTable) -> Reader:
     def inside(name: bytes) -> Optional[os.stat_result]:
         return exports.stat_inside(req.path.rstrip(b"/") + b"/" + name)
 
-    return Listing(fd, req.path, req.fmt, req.want_stat, req.filter, inside)
+    return Listing(fd, req.path, req.fmt, req.want_stat, Filter.of(*req.exclusions), inside)
 
 
 def _statvfs(exports: ExportTable, export: Any, rel: tuple[bytes, ...], path: bytes) -> dict[str, int]:
@@ -647,7 +680,9 @@ async def serve(config: AgentConfig, ready: Optional[Callable[[list[str]], None]
     agent = Agent(config)
     # aiohttp's low-level server: no router, so that any path (newlines, invalid
     # UTF-8...) reaches the handler as the raw bytes the client sent.
-    server = web.Server(agent.handle, access_log=None, logger=ProtocolLog(log, {}), max_line_size=MAX_LINE)
+    server = GuardedServer(agent.handle, access_log=None, logger=ProtocolLog(log, {}), timeouts=config.timeouts,
+                           closed_by=lambda phase: agent.metrics.timed_out.labels(phase).inc(),
+                           max_line_size=MAX_LINE)
     agent.metrics.watch(lambda: len(server.connections), lambda: agent.slots.waiting)
     runner = web.ServerRunner(server, shutdown_timeout=config.shutdown_timeout)
     ssl_context = tls_context(config)
@@ -665,6 +700,9 @@ async def serve(config: AgentConfig, ready: Optional[Callable[[list[str]], None]
         for export in config.exports:
             log.info("exporting %s as %s", os.fsdecode(export.local), os.fsdecode(export.remote))
         log.info("diskover-storage-agent %s listening on %s", __version__, " ".join(urls))
+        log.info("limits: header-timeout %g s, body-timeout %g s, keepalive-timeout %g s, send-timeout %g s, "
+                 "body-memory %g MiB", config.header_timeout, config.body_timeout, config.keepalive_timeout,
+                 config.send_timeout, config.body_memory / 2**20)
         if config.token is None:
             log.warning("no --token-file: any client that can reach %s can list the exports", " ".join(urls))
         if ssl_context is None:
