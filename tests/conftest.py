@@ -320,7 +320,8 @@ def slowfs_mounted(mnt: Path, **env: str) -> Iterator[None]:
     try:
         yield
     finally:
-        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
+        if subprocess.run(["fusermount", "-u", str(mnt)], check=False, capture_output=True).returncode:
+            subprocess.run(["fusermount", "-u", "-z", str(mnt)], check=False)  # still in use: detach it
         proc.terminate()
         proc.wait(10)
 
