@@ -200,16 +200,24 @@ _MTIME0 = 1_550_000_000_987_654_321
 
 def vary_owners_and_times(top: Path) -> None:
     """Give ``top`` and every entry below it (symlinks themselves, not their targets) an
-    owner from :data:`OWNERS` in turn (when root) and an atime and mtime of its own, years
-    apart from each other. Call it on a complete tree: creating an entry moves its parent's times."""
+    owner from :data:`OWNERS` in turn (when root) and an atime and mtime of its own, apart
+    from each other. Call it on a complete tree: creating an entry moves its parent's times.
+
+    Directories and symlinks, which walks read and follow, get atimes a day ahead: under
+    ``relatime`` (or ``noatime``) reading them then leaves their atimes alone, where one
+    in the past would move on the first read, and again on the next ones while it is not
+    past the ctime that this very call sets (the kernel keeps ctime finer than atime)."""
     b = os.fsencode(top)
     paths = [b]
     for root, dirs, files in os.walk(b):
         paths += [os.path.join(root, n) for n in sorted(dirs) + sorted(files)]
+    ahead = time.time_ns() + 86_400 * 10**9
     for i, p in enumerate(paths):
         if IS_ROOT:
             os.chown(p, *OWNERS[i % len(OWNERS)], follow_symlinks=False)
-        os.utime(p, ns=(_ATIME0 + i * 7_000_000_011, _MTIME0 + i * 5_000_000_003), follow_symlinks=False)
+        read_by_walks = not atime_is_stable(os.lstat(p))
+        atime = ahead + i * 7_000_000_011 if read_by_walks else _ATIME0 + i * 7_000_000_011
+        os.utime(p, ns=(atime, _MTIME0 + i * 5_000_000_003), follow_symlinks=False)
 
 
 def settle_atimes(top: Path) -> dict[bytes, os.stat_result]:
