@@ -184,7 +184,8 @@ def test_walk_through_the_agents_own_503_is_exact(small, start_agent, recorder_f
         agent = start_agent([(REMOTE, str(top)), ("/mnt/slow", str(mnt))], extra=("-c", "1", "--max-queue", "1"))
         try:
             front = recorder_for(agent)
-            holders = [threading.Thread(target=http_listing, args=(agent.port, p), daemon=True)
+            statuses: list[int] = []
+            holders = [threading.Thread(target=lambda p=p: statuses.append(http_listing(agent.port, p)), daemon=True)
                        for p in ("/mnt/slow/slow0", "/mnt/slow/fast")]
             holders[0].start()  # takes the one slot, stuck in the slow directory
             wait_until(lambda: log.exists() and log.read_text(), "the slow listing to start")
@@ -204,6 +205,7 @@ def test_walk_through_the_agents_own_503_is_exact(small, start_agent, recorder_f
         for t in holders:
             t.join(30)
         agent.stop()  # before the unmount: it holds the export open
+    assert statuses == [200, 200]  # the listings that held the slot and the line were served
     assert as_bytes_rows(rows) == expected and len(rows) == len(expected)
     refused = [r for r in front.records if r["status"] == 503]
     assert refused and all(r["retry_after"] == "1" for r in refused)
