@@ -6,10 +6,13 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgspec
@@ -188,6 +191,72 @@ class FrontServer:
 
 # -- trees -----------------------------------------------------------------------------
 
+#: Owners the tree builders give their entries in turn: two uids and two gids, all four
+#: different, so that a stat field swapped or taken from the wrong place cannot pass.
+OWNERS = ((1234, 5678), (2345, 6789))
+_ATIME0 = 1_500_000_000_123_456_789
+_MTIME0 = 1_550_000_000_987_654_321
+
+
+def vary_owners_and_times(top: Path) -> None:
+    """Give ``top`` and every entry below it (symlinks themselves, not their targets) an
+    owner from :data:`OWNERS` in turn (when root) and an atime and mtime of its own, apart
+    from each other. Call it on a complete tree: creating an entry moves its parent's times.
+
+    Directories and symlinks, which walks read and follow, get atimes a day ahead: under
+    ``relatime`` (or ``noatime``) reading them then leaves their atimes alone, where one
+    in the past would move on the first read, and again on the next ones while it is not
+    past the ctime that this very call sets (the kernel keeps ctime finer than atime)."""
+    b = os.fsencode(top)
+    paths = [b]
+    for root, dirs, files in os.walk(b):
+        paths += [os.path.join(root, n) for n in sorted(dirs) + sorted(files)]
+    ahead = time.time_ns() + 86_400 * 10**9
+    for i, p in enumerate(paths):
+        if IS_ROOT:
+            os.chown(p, *OWNERS[i % len(OWNERS)], follow_symlinks=False)
+        read_by_walks = not atime_is_stable(os.lstat(p))
+        atime = ahead + i * 7_000_000_011 if read_by_walks else _ATIME0 + i * 7_000_000_011
+        os.utime(p, ns=(atime, _MTIME0 + i * 5_000_000_003), follow_symlinks=False)
+
+
+def settle_atimes(top: Path) -> dict[bytes, os.stat_result]:
+    """Read every directory and follow every symlink once, as walks will (under ``relatime``
+    the first read moves atimes, later ones mostly do not); the ``lstat`` of every entry after."""
+    out = {}
+    for root, dirs, files in os.walk(os.fsencode(top)):
+        out[root] = os.lstat(root)
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            try:
+                os.stat(path)
+            except OSError:
+                pass
+            out[path] = os.lstat(path)
+    return out
+
+
+STAT_FIELDS = ("st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size", "st_blocks", "st_blksize",
+               "st_rdev", "st_mtime", "st_mtime_ns", "st_ctime", "st_ctime_ns")
+ATIME_FIELDS = ("st_atime", "st_atime_ns")
+
+
+def assert_same_stat(got, want: os.stat_result, where: object, *, atime: bool) -> None:
+    """Every field of ``got`` (an ``os.stat_result`` or alike) equals ``want``'s, the indexed
+    ones too; the access time only with ``atime`` (where nothing moved it in between)."""
+    for field in STAT_FIELDS + (ATIME_FIELDS if atime else ()):
+        assert getattr(got, field) == getattr(want, field), (where, field)
+    for i in range(10):
+        if atime or i != 7:
+            assert got[i] == want[i], (where, i)
+
+
+def atime_is_stable(st: os.stat_result) -> bool:
+    """Whether nothing a walk does moves this entry's atime: regular files and fifos are
+    only ``lstat``-ed (directories are read, symlinks followed)."""
+    return stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)
+
+
 def make_awkward_tree(root: Path) -> Path:
     """A tree with every kind of entry os.walk has to get right. Returns the tree root."""
     top = root / "tree"
@@ -216,9 +285,12 @@ def make_awkward_tree(root: Path) -> Path:
     with open(os.path.join(locked, b"secret"), "wb") as fh:
         fh.write(b"s")
     os.mkdir(os.path.join(locked, b"subdir"))
-    os.chmod(locked, 0o000)
     noexec = os.path.join(b, b"noexec")
     os.makedirs(os.path.join(noexec, b"child"))
+    # Owners change nothing of what root without its DAC capabilities may read (as "other",
+    # with the same bits as owner on every directory here), so the unreadable ones stay these two.
+    vary_owners_and_times(top)
+    os.chmod(locked, 0o000)
     os.chmod(noexec, 0o644)  # readable, not searchable: listed, children not
     return top
 
@@ -234,6 +306,32 @@ def awkward_tree(tmp_path: Path) -> Iterator[Path]:
         p = os.path.join(os.fsencode(top), sub)
         if os.path.isdir(p):
             os.chmod(p, 0o755)
+
+
+# -- a slow file system -----------------------------------------------------------------
+
+@contextmanager
+def slowfs_mounted(mnt: Path, **env: str) -> Iterator[None]:
+    """``tests/slowfs.py`` (FUSE) mounted at ``mnt`` with ``env`` (``SLOW``, ``SLOWFS_LOG``,
+    ``SLOWFS_GATE``); the test is skipped where FUSE cannot mount."""
+    pytest.importorskip("fuse", reason="fusepy is needed for the slow file system")
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount") is None:
+        pytest.skip("FUSE is not available here")
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("slowfs.py")), str(mnt)],
+                            env={**os.environ, **env}, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while not os.path.isdir(mnt / "fast"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.skip(f"could not mount FUSE: {proc.stderr.read().decode(errors='replace')[-300:]}")
+        time.sleep(0.02)
+    try:
+        yield
+    finally:
+        if subprocess.run(["fusermount", "-u", str(mnt)], check=False, capture_output=True).returncode:
+            subprocess.run(["fusermount", "-u", "-z", str(mnt)], check=False)  # still in use: detach it
+        proc.terminate()
+        proc.wait(10)
 
 
 # -- the reference walk ------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """A read-only FUSE file system whose directories ``/slowN`` take SLOW seconds to list,
-like a directory on a hung or overloaded NFS server. Run: ``python slowfs.py MOUNTPOINT``."""
+like a directory on a hung or overloaded NFS server. Run: ``python slowfs.py MOUNTPOINT``.
+With ``SLOWFS_GATE=FILE`` they take until FILE exists instead (60 s at most)."""
 
 import errno
 import os
@@ -12,6 +13,7 @@ from fuse import FUSE, FuseOSError, Operations
 DELAY = float(os.environ.get("SLOW", "2"))
 #: Each slow listing that starts appends a line here, so a test can see it begin.
 LOG = os.environ.get("SLOWFS_LOG")
+GATE = os.environ.get("SLOWFS_GATE")
 # Ten slow directories: the kernel lists one FUSE directory at a time.
 DIRS = {"/": [*(f"slow{i}" for i in range(10)), "fast"], "/fast": ["x", "y"],
         **{f"/slow{i}": ["a", "b"] for i in range(10)}}
@@ -33,7 +35,12 @@ class SlowFS(Operations):
             if LOG:
                 with open(LOG, "a") as f:
                     f.write(path + "\n")
-            time.sleep(DELAY)
+            if GATE:
+                deadline = time.monotonic() + 60
+                while not os.path.exists(GATE) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            else:
+                time.sleep(DELAY)
         return [".", "..", *DIRS[path]]
 
 

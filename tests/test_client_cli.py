@@ -28,7 +28,15 @@ from typing import Optional
 import msgspec
 import pytest
 
-from conftest import HAVE_SETPRIV, IS_ROOT, REMOTE, make_awkward_tree, reference_walk
+from conftest import (
+    HAVE_SETPRIV,
+    IS_ROOT,
+    REMOTE,
+    make_awkward_tree,
+    reference_walk,
+    settle_atimes,
+    vary_owners_and_times,
+)
 
 SCRIPT = Path(sys.executable).with_name("diskover-agent")
 FIELDS = ["path", "path_b64", "name", "type", "target_type", "size", "allocated", "blocks", "mode", "uid", "gid",
@@ -62,17 +70,6 @@ def hosts_of(*agents) -> str:
 
 # -- trees and the local reference ----------------------------------------------------------------
 
-def warm(top: Path) -> None:
-    """Read every directory and follow every symlink once, as the walks will: with relatime the
-    first read moves atimes, later ones do not, so the agent and the reference see the same."""
-    for root, dirs, files in os.walk(os.fsencode(top)):
-        for name in dirs + files:
-            try:
-                os.stat(os.path.join(root, name))
-            except OSError:
-                pass
-
-
 def readable_tree(tmp_path: Path) -> Path:
     """The awkward tree (every kind of name and entry) with everything readable, plus hard links,
     a sparse file and an old file."""
@@ -86,8 +83,9 @@ def readable_tree(tmp_path: Path) -> Path:
         f.truncate(1 << 20)
         f.write(b"data")
     (top / "old").write_bytes(b"o")
+    vary_owners_and_times(top)  # the new entries too
     os.utime(top / "old", (978307200, 978307200))
-    warm(top)
+    settle_atimes(top)
     return top
 
 
@@ -369,7 +367,7 @@ def du_tree(tmp_path: Path) -> Path:
     os.mkfifo(top / "other" / "fifo")
     with open(os.path.join(os.fsencode(top), b"other", b"n\xe9e"), "wb") as f:
         f.write(b"x" * 4097)
-    warm(top)
+    settle_atimes(top)
     return top
 
 
@@ -434,7 +432,7 @@ def test_du_equals_local_totals_and_gnu_du(du_tree, start_agent, options):
 
 def test_du_max_depth_summarize_and_cross_directory_hard_link(du_tree, start_agent):
     os.link(du_tree / "links" / "one", du_tree / "a" / "b" / "three")  # now also in another directory
-    warm(du_tree)
+    settle_atimes(du_tree)
     agent = start_agent([(REMOTE, str(du_tree))])
     want = local_du(du_tree)
     r = cli("--hosts", agent.hostspec, "-q", "du", "--max-depth", "1", REMOTE)

@@ -18,7 +18,16 @@ import pytest
 
 from diskover_agent import scanner
 
-from conftest import REMOTE, as_bytes_rows
+from conftest import (
+    IS_ROOT,
+    OWNERS,
+    REMOTE,
+    as_bytes_rows,
+    assert_same_stat,
+    atime_is_stable,
+    settle_atimes,
+    vary_owners_and_times,
+)
 
 SHIM = Path(__file__).resolve().parent.parent / "contrib" / "diskover" / "scandir_agent.py"
 
@@ -64,6 +73,7 @@ def make_share(root: Path) -> tuple[Path, int]:
     big.mkdir()
     for i in range(1500):
         os.close(os.open(big / f"e{i:04d}", os.O_CREAT | os.O_WRONLY, 0o644))
+    vary_owners_and_times(top)
     ndirs = sum(1 for _ in os.walk(top))
     return top, ndirs
 
@@ -103,13 +113,15 @@ def diskover_crawl(top: str, scandir, stat, du, maxthreads: int = 8) -> dict:
                         inodes.add(f_stat.st_ino)
             size, size_n, size_du, du_n = size + fsize, size_n + fsize, size_du + fsize_du, du_n + fsize_du
             files, files_n = files + 1, files_n + 1
+            # every field diskover stores; a file's atime holds still (nothing reads the files)
             records.append((os.fsencode(entry.name), fsize, du(f_stat), f_stat.st_ino, f_stat.st_nlink,
-                            f_stat.st_mode, f_stat.st_uid, f_stat.st_gid, f_stat.st_mtime_ns, f_stat.st_mtime,
-                            f_stat.st_ctime, entry.inode()))
+                            f_stat.st_mode, f_stat.st_uid, f_stat.st_gid, f_stat.st_size, f_stat.st_dev,
+                            f_stat.st_atime_ns, f_stat.st_atime, f_stat.st_mtime_ns, f_stat.st_mtime,
+                            f_stat.st_ctime_ns, f_stat.st_ctime, entry.inode()))
         with lock:
             dirs_out[path] = {
                 "stat": (d_stat.st_ino, d_stat.st_dev, d_stat.st_mode, d_stat.st_nlink, d_stat.st_uid,
-                         d_stat.st_mtime_ns, d_stat.st_mtime),
+                         d_stat.st_gid, d_stat.st_mtime_ns, d_stat.st_mtime, d_stat.st_ctime_ns, d_stat.st_ctime),
                 "files": sorted(records), "files_norecurs": files_n, "size_norecurs": size_n,
                 "dirs_norecurs": dirs_n, "size_du_raw": du_raw,
                 # with hard links across directories this depends on the order threads meet them
@@ -234,6 +246,9 @@ def test_diskover_crawl_through_the_shim_equals_the_local_crawl(shim, share, sta
     # the tree holds what the test is about
     files = [r for d in expected["dirs"].values() for r in d["files"]]
     assert len(files) > 10 * ndirs
+    assert all(r[10] != r[12] for r in files)  # atime_ns apart from mtime_ns
+    if IS_ROOT:  # uid and gid apart, two of each
+        assert {(r[6], r[7]) for r in files} == set(OWNERS)
     assert any(r[4] > 1 for r in files) and any(r[2] < r[1] for r in files) and any(r[2] > r[1] for r in files)
     assert expected["size_du"] < sum(d["size_du_raw"] for d in expected["dirs"].values())
     # one listing per directory and a few more (the top's), no request per entry
@@ -282,12 +297,19 @@ def test_check_dirpath_abspath_stat_and_scandir(shim, share, start_agent, monkey
     assert shim.abspath(REMOTE + "//proj1/./a0") == REMOTE + "/proj1/a0"
     assert shim.abspath("/") == "/"
 
-    # stat() is os.stat(): of the top, of a file (from its parent's listing), through a symlink
-    for rel in ("", "/top-file", "/proj1/a0/sparse", "/proj2/a1/link-to-file", "/proj2/a1/link-to-dir"):
+    # stat() is os.stat(), field for field: of the top, of a directory, of files (from their
+    # parent's listing), through symlinks; atime where nothing moves it (files are never read)
+    settle_atimes(local)
+    owners = set()
+    for rel in ("", "/proj1/a0", "/top-file", "/proj1/a0/sparse", "/proj3/a0/from-proj2", "/proj0/odd ünï/fifo",
+                "/proj2/a1/link-to-file", "/proj2/a1/link-to-dir"):
         st, want = shim.stat(REMOTE + rel), os.stat(str(local) + rel)
-        assert (st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_mtime, st.st_blocks) == (
-            want.st_ino, want.st_mode, want.st_size, want.st_mtime_ns, want.st_mtime, want.st_blocks)
+        assert_same_stat(st, want, rel, atime=atime_is_stable(want))
         assert st.st_sizedu == want.st_blocks * 512 and st[stat_mod.ST_MTIME] == want[stat_mod.ST_MTIME]
+        # the share's owners and times tell every field apart
+        assert st.st_atime_ns != st.st_mtime_ns
+        owners.add((st.st_uid, st.st_gid))
+    assert owners == (set(OWNERS) if IS_ROOT else {(os.geteuid(), os.getegid())})
     assert shim.stat(REMOTE, st=os.stat(local)).st_ino == os.stat(local).st_ino  # st given: no request
     with pytest.raises(FileNotFoundError):
         shim.stat(REMOTE + "/nope")

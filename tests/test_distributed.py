@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REMOTE
+from conftest import REMOTE, vary_owners_and_times
 
 pytest.importorskip("distributed")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -33,6 +33,7 @@ def tree(tmp_path_factory) -> Path:
                 (d / f"f{k}").write_bytes(b"x" * (i * 7 + k))
     os.mkdir(os.fsencode(top / "p0") + b"/bad\xff")
     os.symlink("p1", top / "link")
+    vary_owners_and_times(top)
     os.utime(top / "p3" / "q2" / "f5", ns=(10**9, 10**9))  # the oldest file
     return top
 

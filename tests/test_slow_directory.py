@@ -7,8 +7,6 @@ import http.client
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REMOTE
+from conftest import REMOTE, slowfs_mounted
 
 pytest.importorskip("fuse", reason="fusepy is needed for the slow file system")
 if not os.path.exists("/dev/fuse") or shutil.which("fusermount") is None:
@@ -30,20 +28,8 @@ SLOW = 2.0
 def slowfs(tmp_path_factory) -> Iterator[SimpleNamespace]:
     mnt = tmp_path_factory.mktemp("slowfs")
     log = tmp_path_factory.mktemp("slowfs-log") / "started"
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("slowfs.py")), str(mnt)],
-                            env={**os.environ, "SLOW": str(SLOW), "SLOWFS_LOG": str(log)}, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while not os.path.isdir(mnt / "fast"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.skip(f"could not mount FUSE: {proc.stderr.read().decode(errors='replace')[-300:]}")
-        time.sleep(0.02)
-    try:
+    with slowfs_mounted(mnt, SLOW=str(SLOW), SLOWFS_LOG=str(log)):
         yield SimpleNamespace(mnt=mnt, started_log=log)
-    finally:
-        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
-        proc.terminate()
-        proc.wait(10)
 
 
 def timed_get(port: int, path: str) -> tuple[int, float]:

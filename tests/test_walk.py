@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import threading
 import time
 
@@ -13,7 +14,16 @@ import pytest
 import diskover_agent
 from diskover_agent import AgentConnectionError, parallel_walk, parallel_walk_entries
 
-from conftest import REMOTE, as_bytes_rows, reference_walk
+from conftest import (
+    IS_ROOT,
+    OWNERS,
+    REMOTE,
+    as_bytes_rows,
+    assert_same_stat,
+    atime_is_stable,
+    reference_walk,
+    settle_atimes,
+)
 
 
 def walk_collect(top, **kwargs):
@@ -78,33 +88,76 @@ def test_subdirectory_top_and_trailing_slash(awkward_tree, start_agent):
     assert [r.replace(str(awkward_tree), REMOTE) for r, _, _ in sorted(want)] == sorted(r for r, _, _ in got)
 
 
+def check_entries_against_lstat(entries, local_of, top: bytes, before: dict) -> dict:
+    """Each entry's stat is the node's ``lstat``, field for field (atime where nothing
+    moved it: the file's, or one the walk read that was the same before and after);
+    the owners and times the checks saw, to show they could tell fields apart."""
+    after = settle_atimes(os.fsdecode(top))
+    seen = {"uids": set(), "gids": set(), "atime_checked": 0, "files": 0, "apart": 0}
+    for entry, local in ((e, local_of(e)) for e in entries):
+        st = os.lstat(local)
+        stable = atime_is_stable(st) or before[local].st_atime_ns == after[local].st_atime_ns
+        assert_same_stat(entry.stat(follow_symlinks=False), st, local, atime=stable)
+        seen["uids"].add(st.st_uid)
+        seen["gids"].add(st.st_gid)
+        seen["atime_checked"] += stable
+        seen["files"] += stat.S_ISREG(st.st_mode)
+        seen["apart"] += st.st_uid != st.st_gid and st.st_atime_ns != st.st_mtime_ns
+        assert entry.inode() == st.st_ino
+        if entry.is_symlink() and os.path.exists(local):
+            real = os.path.realpath(local)
+            if real == top or real.startswith(top + b"/"):
+                assert_same_stat(entry.stat(), os.stat(local), local, atime=atime_is_stable(os.stat(local)))
+            else:  # the agent tells what kind a link out of the export is, not its stat
+                with pytest.raises(PermissionError):
+                    entry.stat()
+    return seen
+
+
+def assert_fields_told_apart(seen: dict, nentries: int) -> None:
+    """The tree's owners and times differ, so a swapped field could not have passed."""
+    if IS_ROOT:
+        assert seen["uids"] >= {u for u, _ in OWNERS} and seen["gids"] >= {g for _, g in OWNERS}
+        assert not seen["uids"] & seen["gids"]
+    assert seen["apart"] == nentries
+    assert seen["atime_checked"] >= seen["files"] >= 4
+
+
 def test_walk_entries_carry_exact_lstat(awkward_tree, start_agent):
     agent = start_agent([(REMOTE, str(awkward_tree))])
-    seen = 0
+    top = os.fsencode(awkward_tree)
+    before = settle_atimes(awkward_tree)
+    entries = []
     for root, dirs, files in parallel_walk_entries(REMOTE, hosts=[agent.hostspec], workers=4):
-        local_root = os.fsencode(root).replace(REMOTE.encode(), os.fsencode(awkward_tree), 1)
         for entry in dirs + files:
-            local = os.path.join(local_root, os.fsencode(entry.name))
-            st = os.lstat(local)
-            got = entry.stat(follow_symlinks=False)
-            for field in ("st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size",
-                          "st_mtime_ns", "st_ctime_ns", "st_blocks", "st_mtime"):
-                assert getattr(got, field) == getattr(st, field), (local, field)
-            assert entry.is_symlink() == os.path.islink(local)
-            assert entry.is_dir() == os.path.isdir(local)
-            assert entry.is_dir(follow_symlinks=False) == (os.path.isdir(local) and not os.path.islink(local))
-            assert entry.is_file() == os.path.isfile(local)
-            assert entry.inode() == st.st_ino
             assert entry.path == os.path.join(root, entry.name)
-            if entry.is_symlink() and os.path.exists(local):
-                real = os.path.realpath(local)
-                if real == os.fsencode(awkward_tree) or real.startswith(os.fsencode(awkward_tree) + b"/"):
-                    assert entry.stat().st_ino == os.stat(local).st_ino
-                else:  # the agent tells what kind a link out of the export is, not its stat
-                    with pytest.raises(PermissionError):
-                        entry.stat()
-            seen += 1
-    assert seen > 40
+            entries.append(entry)
+
+    def local_of(entry) -> bytes:
+        return os.fsencode(entry.path).replace(REMOTE.encode(), top, 1)
+
+    for entry in entries:
+        local = local_of(entry)
+        assert entry.is_symlink() == os.path.islink(local)
+        assert entry.is_dir() == os.path.isdir(local)
+        assert entry.is_dir(follow_symlinks=False) == (os.path.isdir(local) and not os.path.islink(local))
+        assert entry.is_file() == os.path.isfile(local)
+    seen = check_entries_against_lstat(entries, local_of, top, before)
+    assert len(entries) > 40
+    assert_fields_told_apart(seen, len(entries))
+
+
+def test_scandir_entries_carry_exact_lstat(awkward_tree, start_agent):
+    """``AgentConnection.scandir``: each entry's ``stat()`` is the node's ``lstat``."""
+    agent = start_agent([(REMOTE, str(awkward_tree))])
+    top = os.fsencode(awkward_tree)
+    before = settle_atimes(awkward_tree)
+    conn = diskover_agent.AgentConnection([agent.hostspec])
+    entries = list(conn.scandir(REMOTE + "/plain")) + list(conn.scandir(REMOTE))
+    conn.close()
+    seen = check_entries_against_lstat(entries, lambda e: os.fsencode(e.path).replace(REMOTE.encode(), top, 1),
+                                       top, before)
+    assert_fields_told_apart(seen, len(entries))
 
 
 def test_break_stops_threads_and_sockets(awkward_tree, start_agent):
