@@ -117,6 +117,17 @@ MUTATIONS: list[Mutation] = [
              ("tests/test_client_wire.py::test_at_most_4_subtree_requests_per_agent",)),
 
     # -- more ----------------------------------------------------------------------------
+    Mutation(
+        "walk-pruned-work-kept", "queued work below a directory pruned in the loop body is still listed",
+        "diskover_agent/walk.py", "dropped = [p for p in batch if self._is_pruned(p)]", "dropped = []",
+        ("tests/test_exclusions.py::test_pruning_in_the_loop_body",),
+    ),
+    Mutation(
+        "walk-backpressure-bypassed", "a worker woken by new work skips the backpressure check",
+        "diskover_agent/walk.py", "                elif self._todo:\n                    break",
+        "                if self._todo:\n                    break",
+        ("tests/test_exclusions.py::test_pruning_in_the_loop_body",),
+    ),
 ]
 
 
