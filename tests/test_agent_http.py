@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import errno
+import gzip
 import http.client
 import io
 import json
@@ -26,9 +27,12 @@ from urllib.parse import quote_from_bytes
 import psutil
 import pytest
 
+import diskover_storage_agent
+from diskover_agent import parallel_walk
 from diskover_agent.protocol import STAT_FIELDS, DirFrame, EndFrame, EntriesFrame, ErrorFrame, read_frames
+from diskover_agent.protocol import VERSION as PROTOCOL_VERSION
 
-from conftest import HAVE_SETPRIV, IS_ROOT, REMOTE
+from conftest import HAVE_SETPRIV, IS_ROOT, REMOTE, as_bytes_rows, reference_walk
 
 # -- helpers -----------------------------------------------------------------------------
 
@@ -657,6 +661,35 @@ def test_walk_frontier_keeps_every_requested_path(tmp_path, start_agent, max_ent
     assert sorted(seen) == sorted(want)
 
 
+def test_info_names_features_and_exports(tmp_path, start_agent):
+    """``/_agent/v1/info`` names the agent, its version and protocol, the features it serves
+    (each one checked to work) and the exports given on the command line."""
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    agent = start_agent([(REMOTE, str(tmp_path / "a")), ("/data/other", str(tmp_path / "b"))])
+    r = request(agent, "/_agent/v1/info")
+    assert r.status == 200 and r.headers.get("Content-Type", "").startswith("application/json")
+    info = r.json()
+    assert info["agent"] == "diskover-storage-agent"
+    assert info["version"] == diskover_storage_agent.__version__
+    assert info["protocol"] == PROTOCOL_VERSION
+    assert sorted(info["exports"]) == sorted([REMOTE, "/data/other"])
+    assert sorted(info["features"]) == sorted(["listing", "walk", "stat", "gzip"])
+    served = {
+        "listing": request(agent, REMOTE).body == b"sub/\n",
+        "stat": decode_ndjson(request(agent, REMOTE + "?format=ndjson&stat=1").body)[1][0][3] is not None,
+        "walk": walk_answer(agent, [REMOTE.encode()], 100) == ([REMOTE.encode(), REMOTE.encode() + b"/sub"], []),
+    }
+    conn = http.client.HTTPConnection(agent.host, agent.port, timeout=30)
+    try:
+        conn.request("GET", REMOTE, headers={"Accept-Encoding": "gzip"})
+        resp = conn.getresponse()
+        served["gzip"] = resp.getheader("Content-Encoding") == "gzip" and gzip.decompress(resp.read()) == b"sub/\n"
+    finally:
+        conn.close()
+    assert served == dict.fromkeys(info["features"], True)
+
+
 # -- bounded concurrency -----------------------------------------------------------------
 
 def test_maxconnections_one_serves_twenty_concurrent_clients(tmp_path, start_agent):
@@ -752,3 +785,15 @@ def test_ipv6_loopback(awkward_tree, start_agent):
     assert out == want
     with pytest.raises(OSError):  # it listens on ::1 only
         socket.create_connection(("127.0.0.1", agent.port), timeout=5).close()
+
+
+@pytest.mark.skipif(not _have_ipv6_loopback(), reason="no IPv6 loopback")
+def test_listen_on_ipv6_any(awkward_tree, start_agent):
+    """``-l ::`` listens on every IPv6 address: a client reaches it at [::1]."""
+    agent = start_agent([(REMOTE, str(awkward_tree))], listen="::", nocaps=True)
+    assert agent.url.startswith("http://[::]:")
+    want = text_listing(os.fsencode(awkward_tree))
+    r = request(agent, REMOTE, host="::1")
+    assert r.status == 200 and r.body == want
+    rows = parallel_walk(REMOTE, hosts=[f"[::1]:{agent.port}"])
+    assert as_bytes_rows(rows) == reference_walk(awkward_tree)[0]

@@ -388,7 +388,7 @@ BAD_TLS = {
 @pytest.mark.parametrize("case", list(BAD_TLS))
 def test_bad_tls_files_are_a_startup_error(tree, certs, case):
     args = []
-    for option, name in zip(("--tls-cert", "--tls-key"), BAD_TLS[case]):
+    for option, name in zip(("--tls-cert", "--tls-key"), BAD_TLS[case], strict=True):
         if name is not None:
             args += [option, str(certs.dir / "no-such.pem") if name == "missing" else getattr(certs, name)]
     r = run_agent_cli("-r", REMOTE, str(tree), *args)
