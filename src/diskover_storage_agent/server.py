@@ -686,7 +686,7 @@ async def _cleanup(runner: web.ServerRunner, server: web.Server, grace: float) -
         # aiohttp would wait ``grace`` once more for a handler stuck on a client that reads
         # nothing; cutting the connection ends it at once.
         connections = list(server.connections)
-        log.warning("cutting %d answers still in flight after %g s", len(connections), grace)
+        log.warning("cutting %d connections still answering after %g s", len(connections), grace)
         for conn in connections:
             if conn.transport is not None:
                 conn.transport.abort()
