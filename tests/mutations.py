@@ -40,8 +40,79 @@ class Mutation:
     tests: tuple[str, ...]  # pytest node ids, relative to the repository
 
 
+#: The start of the agent's request handler, before the token is checked.
+HEALTH = """        if parts == (CONTROL_PREFIX, b"health"):
+            record.endpoint = "health"
+            return self._health(request)
+"""
+
 MUTATIONS: list[Mutation] = [
     # -- the agent ------------------------------------------------------------------------
+    Mutation(
+        "agent-token-statvfs", "/_agent/v1/statvfs answered without the token", "diskover_storage_agent/server.py",
+        HEALTH, HEALTH + "        if parts[:3] == (CONTROL_PREFIX, b'v1', b'statvfs'):\n"
+                         "            return await self._control(request, parts[1:], params)\n",
+        ("tests/test_security.py::test_agent_endpoints_need_the_token[statvfs]",)),
+    Mutation(
+        "agent-token-info", "/_agent/v1/info answered without the token", "diskover_storage_agent/server.py",
+        HEALTH, HEALTH + "        if parts == (CONTROL_PREFIX, b'v1', b'info'):\n"
+                         "            return await self._control(request, parts[1:], params)\n",
+        ("tests/test_security.py::test_agent_endpoints_need_the_token[info]",)),
+    Mutation(
+        "agent-retry-after", "Retry-After: 30 instead of the documented 1", "diskover_storage_agent/server.py",
+        'headers={"Retry-After": "1"}', 'headers={"Retry-After": "30"}',
+        ("tests/test_slow_directory.py::test_agent_at_its_limit_answers_503_retry_after_1",
+         "tests/test_hostile.py::test_full_wait_line_answers_503_with_retry_after")),
+    Mutation(
+        "agent-frontier-roots", "the walk's end frontier omits requested roots it did not reach",
+        "diskover_storage_agent/subtree.py", "        frontier.extend(reversed(roots))\n", "",
+        ("tests/test_agent_http.py::test_walk_frontier_keeps_every_requested_path[1]",
+         "tests/test_agent_http.py::test_walk_frontier_keeps_every_requested_path[7]")),
+    Mutation(
+        "agent-exclude-dir-symlinks", "exclude_dirs not applied to symlinks to directories",
+        "diskover_storage_agent/filters.py",
+        "if kind == KIND_DIR or (kind == KIND_SYMLINK and target == KIND_DIR):", "if kind == KIND_DIR:",
+        ("tests/test_exclusions.py::test_exclude_dirs_covers_symlinks_to_directories[exclude_dir]",
+         "tests/test_exclusions.py::test_exclude_dirs_covers_symlinks_to_directories[exclude_file]")),
+    Mutation(
+        "agent-remote-root", "REMOTE / accepted at start-up", "diskover_storage_agent/config.py",
+        "if export.remote_parts[:1] in ((), (CONTROL_PREFIX,)):", "if export.remote_parts[:1] in ((CONTROL_PREFIX,),):",
+        ("tests/test_cli.py::test_reserved_remote_is_a_startup_error[root]",)),
+    Mutation(
+        "agent-remote-control", "REMOTE under /_agent accepted at start-up", "diskover_storage_agent/config.py",
+        "if export.remote_parts[:1] in ((), (CONTROL_PREFIX,)):", "if export.remote_parts[:1] in ((),):",
+        ("tests/test_cli.py::test_reserved_remote_is_a_startup_error[agent]",)),
+    Mutation(
+        "agent-info-features", "/_agent/v1/info answers empty features", "diskover_storage_agent/server.py",
+        '"features": ["listing", "walk", "stat", "gzip"],', '"features": [],',
+        ("tests/test_agent_http.py::test_info_names_features_and_exports",)),
+    Mutation(
+        "agent-info-exports", "/_agent/v1/info answers empty exports", "diskover_storage_agent/server.py",
+        '"exports": [os.fsdecode(e.remote) for e in config.exports],', '"exports": [],',
+        ("tests/test_agent_http.py::test_info_names_features_and_exports",)),
+    Mutation(
+        "agent-walk-413", "a walk body over 1 MiB gets 400 instead of 413", "diskover_storage_agent/server.py",
+        'return error_response(413, "too_large", "walk request body too large")',
+        'return error_response(400, "bad_request", "walk request body too large")',
+        ("tests/test_hostile.py::test_walk_body_over_1MiB_is_413",)),
+    Mutation(
+        "agent-sigterm-grace", "answers in flight get 5 s after SIGTERM, not 30", "diskover_storage_agent/config.py",
+        "shutdown_timeout: float = 30.0", "shutdown_timeout: float = 5.0",
+        ("tests/test_agent_http.py::test_sigterm_cuts_answers_in_flight_after_30_s",)),
+    Mutation(
+        "agent-sigterm-cut", "answers stalled after SIGTERM are not cut (aiohttp then waits 60 s)",
+        "diskover_storage_agent/server.py", "                conn.transport.abort()", "                pass",
+        ("tests/test_agent_http.py::test_sigterm_cuts_answers_in_flight_after_30_s",)),
+    Mutation(
+        "agent-uvloop", "the agent runs on asyncio's loop with uvloop installed", "diskover_storage_agent/cli.py",
+        "runner = uvloop.run", "runner = asyncio.run",
+        ("tests/test_cli.py::test_event_loop_is_uvloop_when_installed[True]",)),
+    Mutation(
+        "agent-lane-order", "walks waiting for a turn are served last come, first served",
+        "diskover_storage_agent/server.py",
+        "turn = self._waiting.popleft()\n            if not turn.done():\n                turn.set_result(True)",
+        "turn = self._waiting.pop()\n            if not turn.done():\n                turn.set_result(True)",
+        ("tests/test_lane.py::test_cpu_reads_take_turns_in_order",)),
 
     # -- the client and the scanner ---------------------------------------------------------
     Mutation("scanner-gid-as-uid", "the scanner's stat() gives gid as st_uid", "diskover_agent/scanner.py",
@@ -117,6 +188,17 @@ MUTATIONS: list[Mutation] = [
              ("tests/test_client_wire.py::test_at_most_4_subtree_requests_per_agent",)),
 
     # -- more ----------------------------------------------------------------------------
+    Mutation(
+        "walk-pruned-work-kept", "queued work below a directory pruned in the loop body is still listed",
+        "diskover_agent/walk.py", "dropped = [p for p in batch if self._is_pruned(p)]", "dropped = []",
+        ("tests/test_exclusions.py::test_pruning_in_the_loop_body",),
+    ),
+    Mutation(
+        "walk-backpressure-bypassed", "a worker woken by new work skips the backpressure check",
+        "diskover_agent/walk.py", "                elif self._todo:\n                    break",
+        "                if self._todo:\n                    break",
+        ("tests/test_exclusions.py::test_pruning_in_the_loop_body",),
+    ),
 ]
 
 

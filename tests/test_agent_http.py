@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import errno
+import gzip
 import http.client
 import io
 import json
@@ -26,9 +27,12 @@ from urllib.parse import quote_from_bytes
 import psutil
 import pytest
 
+import diskover_storage_agent
+from diskover_agent import parallel_walk
 from diskover_agent.protocol import STAT_FIELDS, DirFrame, EndFrame, EntriesFrame, ErrorFrame, read_frames
+from diskover_agent.protocol import VERSION as PROTOCOL_VERSION
 
-from conftest import HAVE_SETPRIV, IS_ROOT, REMOTE
+from conftest import HAVE_SETPRIV, IS_ROOT, REMOTE, as_bytes_rows, reference_walk
 
 # -- helpers -----------------------------------------------------------------------------
 
@@ -551,6 +555,118 @@ def test_sigterm_right_after_the_listening_line_exits_zero(tmp_path, start_agent
         no_traceback(agent)
 
 
+def test_sigterm_cuts_answers_in_flight_after_30_s(big_dir, start_agent):
+    """SIGTERM lets answers in flight finish for 30 s at most: an answer its client has
+    stopped reading is cut then, and the agent exits with status 0."""
+    top, _, _ = big_dir
+    agent = start_agent([(REMOTE, str(top))])
+    sock, resp = slow_reader(agent.port, REMOTE + "?format=msgpack&stat=1")  # ~18 MB, never read
+    try:
+        assert resp.status == 200
+        frames = read_frames(resp.read)
+        assert isinstance(next(frames), DirFrame)
+        assert isinstance(next(frames), EntriesFrame)  # under way; the client reads no more
+        signalled = time.monotonic()
+        agent.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: any("stopping" in line for line in agent.log), what="the agent to start stopping")
+        try:
+            rc = agent.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the agent still waited for the stalled answer 60 s after SIGTERM") from None
+        took = time.monotonic() - signalled
+        ended = False
+        try:
+            for f in frames:
+                ended = isinstance(f, EndFrame)
+        except (OSError, http.client.HTTPException, ValueError):
+            pass  # cut short
+        assert not ended, "the stalled answer was not cut"
+    finally:
+        sock.close()
+    print(f"exited {took:.1f} s after SIGTERM")
+    assert rc == 0
+    assert 29 <= took < 45, f"the agent exited {took:.1f} s after SIGTERM, not after the 30 s it promises"
+    agent.terminate()
+    no_traceback(agent)
+
+
+# -- subtree walks and the agent's information -------------------------------------------
+
+def walk_answer(agent, paths: list[bytes], max_entries: int) -> tuple[list[bytes], list[bytes]]:
+    """The directories a walk answer lists (``dir`` frames, in order) and its frontier."""
+    body = json.dumps({"paths": [p.decode() for p in paths], "max_entries": max_entries}).encode()
+    conn = http.client.HTTPConnection(agent.host, agent.port, timeout=60)
+    try:
+        conn.request("POST", "/_agent/v1/walk?format=ndjson", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+    finally:
+        conn.close()
+    assert resp.status == 200, data[:300]
+    frames = [json.loads(line) for line in data.splitlines()]
+    assert frames[-1][0] == "end" and all(f[0] != "end" for f in frames[:-1])
+    return [json_name(f[1]) for f in frames if f[0] == "dir"], [json_name(p) for p in frames[-1][1]]
+
+
+@pytest.mark.parametrize("max_entries", [1, 7, 1000])
+def test_walk_frontier_keeps_every_requested_path(tmp_path, start_agent, max_entries):
+    """However small the budget, every requested path is either listed or in the ``end``
+    frontier, exactly once; walking the frontier again and again lists every directory
+    below them exactly once, as ``os.walk`` finds them."""
+    top = tmp_path / "share"
+    for i in range(12):
+        (top / f"d{i:02d}" / "sub" / "deeper").mkdir(parents=True)
+        for j in range(3):
+            (top / f"d{i:02d}" / f"f{j}").touch()
+        (top / f"d{i:02d}" / "sub" / "g").touch()
+    agent = start_agent([(REMOTE, str(top))])
+    requested = [f"{REMOTE}/d{i:02d}".encode() for i in range(12)] + [REMOTE.encode() + b"/missing"]
+    listed, frontier = walk_answer(agent, requested, max_entries)
+    for path in requested:
+        assert listed.count(path) + frontier.count(path) == 1, (path, listed, frontier)
+    if max_entries == 1:
+        assert len(listed) == 1 and len(frontier) == len(requested)  # one directory, the rest left
+    seen = list(listed)
+    answers = 1
+    while frontier:
+        listed, frontier = walk_answer(agent, frontier, max_entries)
+        seen += listed
+        answers += 1
+        assert answers < 200, "the walk does not end"
+    want = [REMOTE.encode() + os.fsencode(root)[len(os.fsencode(top)):]
+            for root, _, _ in os.walk(top) if root != str(top)] + [REMOTE.encode() + b"/missing"]
+    assert sorted(seen) == sorted(want)
+
+
+def test_info_names_features_and_exports(tmp_path, start_agent):
+    """``/_agent/v1/info`` names the agent, its version and protocol, the features it serves
+    (each one checked to work) and the exports given on the command line."""
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    agent = start_agent([(REMOTE, str(tmp_path / "a")), ("/data/other", str(tmp_path / "b"))])
+    r = request(agent, "/_agent/v1/info")
+    assert r.status == 200 and r.headers.get("Content-Type", "").startswith("application/json")
+    info = r.json()
+    assert info["agent"] == "diskover-storage-agent"
+    assert info["version"] == diskover_storage_agent.__version__
+    assert info["protocol"] == PROTOCOL_VERSION
+    assert sorted(info["exports"]) == sorted([REMOTE, "/data/other"])
+    assert sorted(info["features"]) == sorted(["listing", "walk", "stat", "gzip"])
+    served = {
+        "listing": request(agent, REMOTE).body == b"sub/\n",
+        "stat": decode_ndjson(request(agent, REMOTE + "?format=ndjson&stat=1").body)[1][0][3] is not None,
+        "walk": walk_answer(agent, [REMOTE.encode()], 100) == ([REMOTE.encode(), REMOTE.encode() + b"/sub"], []),
+    }
+    conn = http.client.HTTPConnection(agent.host, agent.port, timeout=30)
+    try:
+        conn.request("GET", REMOTE, headers={"Accept-Encoding": "gzip"})
+        resp = conn.getresponse()
+        served["gzip"] = resp.getheader("Content-Encoding") == "gzip" and gzip.decompress(resp.read()) == b"sub/\n"
+    finally:
+        conn.close()
+    assert served == dict.fromkeys(info["features"], True)
+
+
 # -- bounded concurrency -----------------------------------------------------------------
 
 def test_maxconnections_one_serves_twenty_concurrent_clients(tmp_path, start_agent):
@@ -646,3 +762,15 @@ def test_ipv6_loopback(awkward_tree, start_agent):
     assert out == want
     with pytest.raises(OSError):  # it listens on ::1 only
         socket.create_connection(("127.0.0.1", agent.port), timeout=5).close()
+
+
+@pytest.mark.skipif(not _have_ipv6_loopback(), reason="no IPv6 loopback")
+def test_listen_on_ipv6_any(awkward_tree, start_agent):
+    """``-l ::`` listens on every IPv6 address: a client reaches it at [::1]."""
+    agent = start_agent([(REMOTE, str(awkward_tree))], listen="::", nocaps=True)
+    assert agent.url.startswith("http://[::]:")
+    want = text_listing(os.fsencode(awkward_tree))
+    r = request(agent, REMOTE, host="::1")
+    assert r.status == 200 and r.body == want
+    rows = parallel_walk(REMOTE, hosts=[f"[::1]:{agent.port}"])
+    assert as_bytes_rows(rows) == reference_walk(awkward_tree)[0]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import http.client
+import os
 import re
 import signal
 import socket
@@ -238,3 +239,76 @@ def test_long_option_names_work(tmp_path):
     finally:
         rc = agent.stop()
     assert rc == 0
+
+
+def start_or_fail(cmd: list[str], *args: str) -> subprocess.CompletedProcess:
+    """Run the agent until it exits; one that starts serving instead is stopped, and the test fails."""
+    proc = subprocess.Popen([*cmd, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if " listening on " in line:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(20)
+            raise AssertionError("the agent started serving:\n" + "".join(lines))
+    return subprocess.CompletedProcess(proc.args, proc.wait(20), "", "".join(lines))
+
+
+RESERVED = {"root": "/", "root-twice": "//", "agent": "/_agent", "agent-slash": "/_agent/",
+            "agent-walk": "/_agent/v1/walk", "agent-other": "/_agent/x"}
+
+
+@pytest.mark.parametrize("remote", list(RESERVED.values()), ids=list(RESERVED))
+def test_reserved_remote_is_a_startup_error(tmp_path, remote):
+    """REMOTE may be neither / (it would hide the agent's own endpoints) nor under /_agent:
+    exit status 2 and one clear line naming it."""
+    r = start_or_fail(COMMANDS["module"], "-l", "127.0.0.1", "-p", "0", "-r", remote, str(tmp_path))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("diskover-storage-agent: error: -r REMOTE"), lines
+    assert repr(remote) in lines[0] and "/_agent" in lines[0], lines
+
+
+def test_not_reserved_look_alikes_are_accepted(tmp_path):
+    agent = Running(COMMANDS["module"], "-l", "127.0.0.1", "-p", "0", "-r", "/_agents", str(tmp_path),
+                    "-r", "/mnt/_agent", str(tmp_path))
+    try:
+        assert get(agent.port, "/_agents")[0] == 200
+        assert get(agent.port, "/mnt/_agent")[0] == 200
+    finally:
+        assert agent.stop() == 0
+
+
+def hide_uvloop(tmp_path: Path, monkeypatch) -> None:
+    """Make ``import uvloop`` fail in the agents started from now on, as where the ``[fast]``
+    extra is not installed (the scratch copy of a mutation check stays first on the path)."""
+    shadow = tmp_path / "no-uvloop"
+    (shadow / "uvloop").mkdir(parents=True)
+    (shadow / "uvloop" / "__init__.py").write_text('raise ImportError("uvloop is not installed here")\n')
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", (path + os.pathsep if path else "") + str(shadow))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="uvloop (the [fast] extra) does not run on Windows")
+@pytest.mark.parametrize("installed", [True, False])
+def test_event_loop_is_uvloop_when_installed(tmp_path, monkeypatch, installed):
+    """With the ``[fast]`` extra (in the ``test`` extra too) the agent runs on uvloop, and says
+    so; without it, on asyncio's own loop."""
+    if installed:
+        import uvloop  # noqa: F401  -- the test extra installs it: a failure here is a broken venv
+    else:
+        hide_uvloop(tmp_path, monkeypatch)
+    agent = Running(COMMANDS["module"], "-l", "127.0.0.1", "-p", "0", "-r", REMOTE, str(tmp_path))
+    try:
+        assert get(agent.port, REMOTE)[0] == 200
+        line = agent.wait_log(r"event loop: ")
+    finally:
+        assert agent.stop() == 0
+    loop = line.split("event loop: ", 1)[1].strip()
+    if installed:
+        assert loop == "uvloop.Loop", line
+    else:
+        assert loop.startswith("asyncio."), line

@@ -123,6 +123,25 @@ WRONG = ["Bearer wrong", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}", f"Bearer x{
          f"Basic {TOKEN}", TOKEN, f"Token {TOKEN}", f"Bearer {TOKEN.upper()}", f"Bearer {TOKEN} {TOKEN}"]
 
 
+@pytest.mark.parametrize("endpoint", ["statvfs", "info"])
+def test_agent_endpoints_need_the_token(tree, token_agent, endpoint):
+    """The agent's own endpoints answer only with the token (``/_agent/health`` alone is open)."""
+    target = {"statvfs": "/_agent/v1/statvfs" + REMOTE, "info": "/_agent/v1/info"}[endpoint]
+    for method in ("GET", "HEAD"):
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            status, hdrs, data = get(token_agent, target, method=method, headers=headers)
+            assert status == 401, (method, headers, status, data)
+            assert hdrs.get("WWW-Authenticate", "").startswith(CHALLENGE)
+            assert REMOTE.encode() not in data and b"f_blocks" not in data  # nothing of the answer leaks
+    status, _, data = get(token_agent, target, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200, data
+    answer = json.loads(data)
+    if endpoint == "statvfs":
+        assert answer["f_blocks"] == os.statvfs(tree).f_blocks
+    else:
+        assert answer["exports"] == [REMOTE]
+
+
 def test_wrong_token_is_401_invalid_token(tree, token_agent):
     for authorization in WRONG:
         status, hdrs, data = get(token_agent, headers={"Authorization": authorization})
@@ -354,21 +373,26 @@ def test_token_and_tls_together(tree, certs, tmp_path, start_agent):
     assert sorted(dirs) == ["a", "b", "c", "link"]
 
 
-@pytest.mark.parametrize("case", ["missing-cert", "garbage-cert", "key-of-other-cert", "cert-without-key"])
+#: Bad TLS files, as (--tls-cert, --tls-key): attributes of ``certs``, "missing" for a file
+#: that does not exist, None to leave the option out.
+BAD_TLS = {
+    "missing-cert": ("missing", "key"),
+    "missing-key": ("cert", "missing"),
+    "garbage-cert": ("garbage", "key"),
+    "key-of-other-cert": ("cert", "other_key"),
+    "cert-without-key": ("cert", None),
+    "key-without-cert": (None, "key"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TLS))
 def test_bad_tls_files_are_a_startup_error(tree, certs, case):
-    missing = str(certs.dir / "no-such.pem")
-    args = {
-        "missing-cert": ["--tls-cert", missing, "--tls-key", certs.key],
-        "missing-key": ["--tls-cert", certs.cert, "--tls-key", missing],
-        "garbage-cert": ["--tls-cert", certs.garbage, "--tls-key", certs.key],
-        "key-of-other-cert": ["--tls-cert", certs.cert, "--tls-key", certs.other_key],
-        "cert-without-key": ["--tls-cert", certs.cert],
-        "key-without-cert": ["--tls-key", certs.key],
-    }[case]
+    args = []
+    for option, name in zip(("--tls-cert", "--tls-key"), BAD_TLS[case], strict=True):
+        if name is not None:
+            args += [option, str(certs.dir / "no-such.pem") if name == "missing" else getattr(certs, name)]
     r = run_agent_cli("-r", REMOTE, str(tree), *args)
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr, r.stderr
-    assert " listening on " not in r.stderr
+    assert_clear_startup_error(r)
     assert "--tls-cert" in r.stderr or "--tls-key" in r.stderr, r.stderr
 
 

@@ -113,3 +113,30 @@ def test_maxconnections_queues_instead_of_dropping(slowfs, start_agent):
     assert [status for status, _ in results] == [200] * 5
     # two at a time: 5 listings need three rounds of SLOW seconds
     assert elapsed >= 2.8 * SLOW
+
+
+def test_agent_at_its_limit_answers_503_retry_after_1(slowfs, start_agent):
+    """With -c 1 and no line to wait in, a request that comes while the only slot reads a
+    slow directory is answered at once: 503, ``Retry-After: 1`` (as documented), ``busy``."""
+    agent = start_agent([(REMOTE, str(slowfs.mnt))], extra=("-c", "1", "--max-queue", "0"))
+    for i in range(10):  # a fresh slow directory per try
+        slowfs.started_log.unlink(missing_ok=True)
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(timed_get, agent.port, f"{REMOTE}/slow{i}")
+            wait_for_slow_listings(slowfs.started_log, 1)
+            conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=30)
+            try:
+                conn.request("GET", REMOTE + "/fast")
+                resp = conn.getresponse()
+                status, retry_after, body = resp.status, resp.getheader("Retry-After"), resp.read()
+            finally:
+                conn.close()
+            slow_over = slow.done()
+            assert slow.result()[0] == 200
+        if status == 503:
+            assert retry_after == "1"
+            assert json.loads(body)["error"] == "busy"
+            return
+        # Not busy: only right if the slow listing had let go of the slot (a very slow machine).
+        assert slow_over, (status, body[:200])
+    raise AssertionError("the slow listing was always over before the second request came")

@@ -329,14 +329,20 @@ class Walker:
     def _take(self, subtree: bool) -> Optional[list[bytes]]:
         """A batch of paths to walk, waiting for one; None when the walk stops."""
         with self._cond:
-            # Backpressure: while the consumer has this much to catch up on, ask for no more.
-            while self._backlog > self.max_backlog and not self._stopping:
-                self._cond.wait(0.05)
-            while not self._todo:
-                if self._stopping or self._spent():
+            while True:
+                if self._stopping:
                     return None
-                self._cond.wait()
-            if self._stopping or self._spent():
+                if self._backlog > self.max_backlog:
+                    # Backpressure: while the consumer has this much to catch up on, ask
+                    # for no more (checked again by a worker that new work woke up).
+                    self._cond.wait(0.05)
+                elif self._todo:
+                    break
+                elif self._spent():
+                    return None
+                else:
+                    self._cond.wait()
+            if self._spent():
                 return None
             n = 1
             if subtree:

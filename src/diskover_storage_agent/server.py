@@ -701,6 +701,7 @@ async def serve(config: AgentConfig, ready: Optional[Callable[[list[str]], None]
         urls = [_url(addr, ssl_context is not None) for addr in runner.addresses]
         for export in config.exports:
             log.info("exporting %s as %s", os.fsdecode(export.local), os.fsdecode(export.remote))
+        log.info("event loop: %s.%s", type(loop).__module__, type(loop).__qualname__)
         log.info("diskover-storage-agent %s listening on %s", __version__, " ".join(urls))
         log.info("limits: header-timeout %g s, body-timeout %g s, keepalive-timeout %g s, send-timeout %g s, "
                  "body-memory %g MiB", config.header_timeout, config.body_timeout, config.keepalive_timeout,
@@ -715,6 +716,22 @@ async def serve(config: AgentConfig, ready: Optional[Callable[[list[str]], None]
         await stop.wait()
         log.info("stopping: finishing answers in flight")
     finally:
-        await runner.cleanup()
+        await _cleanup(runner, server, config.shutdown_timeout)
         agent.close()
     log.info("stopped")
+
+
+async def _cleanup(runner: web.ServerRunner, server: web.Server, grace: float) -> None:
+    """Stop listening and let answers in flight finish, for ``grace`` seconds at most: then
+    cut the connections still answering (a client that stopped reading) and return."""
+    cleanup = asyncio.ensure_future(runner.cleanup())
+    done, _ = await asyncio.wait({cleanup}, timeout=grace)
+    if not done:
+        # aiohttp would wait ``grace`` once more for a handler stuck on a client that reads
+        # nothing; cutting the connection ends it at once.
+        connections = list(server.connections)
+        log.warning("cutting %d connections still answering after %g s", len(connections), grace)
+        for conn in connections:
+            if conn.transport is not None:
+                conn.transport.abort()
+    await cleanup
