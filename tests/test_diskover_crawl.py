@@ -401,6 +401,8 @@ def test_retry_for_setting(tmp_path, monkeypatch):
                                   "DISKOVER_AGENT_RETRY_FOR": "2.5"}).retry_for == 2.5
     config.write_text('hosts = ["a"]\n')
     assert scanner.load_settings({"DISKOVER_AGENT_CONFIG": str(config)}).retry_for == scanner.DEFAULT_RETRY_FOR
+    contrib = Path(__file__).resolve().parent.parent / "contrib" / "diskover" / "config.toml"
+    assert scanner.load_settings({"DISKOVER_AGENT_CONFIG": str(contrib)}).retry_for == scanner.DEFAULT_RETRY_FOR
     for content, env in [('hosts = ["a"]\nretry-for = "x"\n', {}), ('hosts = ["a"]\nretry-for = 0\n', {}),
                          ('hosts = ["a"]\n', {"DISKOVER_AGENT_RETRY_FOR": "soon"}),
                          ('hosts = ["a"]\n', {"DISKOVER_AGENT_RETRY_FOR": "-1"})]:
