@@ -436,15 +436,15 @@ class _Hosts:
             if self.down_until[idx] > now:
                 return  # set aside already, by a request that failed at the same time
             self.failures[idx] += 1
-            if busy and exc.retry_after is not None:  # type: ignore[attr-defined]
-                delay = exc.retry_after  # type: ignore[attr-defined]
+            if isinstance(exc, AgentBusyError) and exc.retry_after is not None:
+                delay = exc.retry_after
             else:
                 delay = min(BACKOFF_FIRST * 2 ** (self.failures[idx] - 1), BACKOFF_MAX)
             self.down_until[idx] = now + delay
             if not busy and not self.unreachable[idx]:
                 self.unreachable[idx] = True
                 warn_logger.warning("diskover agent scanner: %s does not answer (%s); other agents first, "
-                                    "retrying for up to %g s", label, exc, self.retry_for)
+                                    "retrying while some agent answered in the last %g s", label, exc, self.retry_for)
             else:
                 logger.debug("diskover agent scanner: %s set aside for %.1f s: %s", label, delay, exc)
 
