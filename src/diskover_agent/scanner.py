@@ -2,18 +2,26 @@
 
 diskover 2 (``diskover.py --altscanner scandir_agent``) imports ``scanners/scandir_agent.py``
 (the one-line shim in ``contrib/diskover/``, which star-imports this module) and replaces
-``os.scandir`` with :func:`scandir`. For every directory it then calls :func:`stat`, then
-``scandir``, then ``is_symlink()``, ``is_dir()`` and ``stat()`` on each entry, from many
-threads at once.
+``os.scandir`` with :func:`scandir`. It calls :func:`check_dirpath` and :func:`abspath` on
+the top path, then ``scandir`` of every directory from many threads, and ``is_symlink()``,
+``is_dir()`` and ``stat()`` on each entry; :func:`stat` only for the top (diskover 2.3.5),
+or for every directory (older versions).
 
-Each :func:`scandir` is one listing request (with stat records); no entry method and no
-:func:`stat` of a directory seen in its parent's listing makes a request. Every thread has
-its own :class:`~diskover_agent.AgentConnection`, the threads starting on different hosts.
+Each :func:`scandir` is one listing request (with stat records); no entry method makes a
+request. :func:`stat` of a directory fetches the listing that the following ``scandir`` of
+it then uses. Nothing else is cached: the scanner holds no stat record diskover will not ask for.
+
+A busy agent (503) or one that does not answer is not an error: the request goes to the
+other agents first, then waits (the agent's ``Retry-After``, or a backoff from 0.2 s doubling
+to 5 s) and tries again, for as long as some agent answered within ``retry-for`` seconds.
+Past that, :class:`AgentsUnavailableError` is raised, which diskover treats as fatal (it
+deletes the partial index and exits 1); a directory's own file-system error stays the
+``OSError`` the local scanner would raise, which diskover logs and skips.
 
 Settings come from ``DISKOVER_AGENT_*`` environment variables over an optional TOML file
 (``DISKOVER_AGENT_CONFIG``, default ``~/.config/diskover_scandir_agent/config.toml``); they
 are read on first use, or by :func:`init`. :func:`close` forgets them with every connection
-and cache, so the next call starts afresh.
+and kept listing, so the next call starts afresh.
 """
 
 from __future__ import annotations
@@ -27,23 +35,37 @@ import posixpath
 import stat as _stat
 import sys
 import threading
+import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, AnyStr, Generic, Optional, Union
+from typing import Any, AnyStr, Generic, Optional, TypeVar, Union
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .connection import AgentConnection, parse_hosts
+from .connection import parse_hosts
 from .entry import AgentDirEntry
+from .errors import AgentBusyError, AgentConnectionError, AgentError
 from .oswalk import parallel_walk
-from .protocol import KIND_DIR, KIND_SYMLINK, Exclusions, StatFields
-from .transport import DEFAULT_PORT, RemoteListing, fsencode_path, read_token_file
+from .protocol import KIND_SYMLINK, Entry, Exclusions, StatFields
+from .transport import (
+    DEFAULT_PORT,
+    TRANSIENT_ERRORS,
+    AgentHTTP,
+    ClientOptions,
+    HostAddress,
+    RemoteListing,
+    fsencode_path,
+    read_token_file,
+)
+
+T = TypeVar("T")
 
 __all__ = [
+    "AgentsUnavailableError",
     "abspath",
     "add_meta",
     "check_dirpath",
@@ -57,17 +79,30 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+#: Warnings and errors, also sent to diskover's warnings log (see :func:`log_setup`).
+warn_logger = logging.getLogger(__name__ + ".warnings")
 
 DEFAULT_CONFIG = "~/.config/diskover_scandir_agent/config.toml"
 DEFAULT_WORKERS = 40
-#: Stat records of subdirectories seen in a listing and not yet asked for by ``stat()``.
-DIR_STATS_MAX = 65_536
-#: Listings fetched by ``stat()`` of a directory not seen before, kept for its ``scandir()``.
+#: Seconds the scanner keeps retrying while no agent answers, before the crawl fails.
+DEFAULT_RETRY_FOR = 120.0
+#: Listings fetched by ``stat()`` or ``check_dirpath()``, kept for the ``scandir()`` that follows.
 LISTINGS_MAX = 64
+#: Backoff of an agent that does not answer: 0.2 s, doubling up to 5 s.
+BACKOFF_FIRST = 0.2
+BACKOFF_MAX = 5.0
 
 
 class ScannerConfigError(RuntimeError):
     """The scanner's settings are missing or wrong (diskover logs it as ALT SCANNER ERROR)."""
+
+
+class AgentsUnavailableError(AgentError):
+    """No agent answered for ``retry-for`` seconds: the crawl cannot be complete.
+
+    Neither an ``OSError`` nor a ``RuntimeError``, which diskover would log and skip:
+    diskover treats it as fatal, deletes the partial index and exits 1.
+    """
 
 
 # -- settings ------------------------------------------------------------------------------
@@ -83,6 +118,7 @@ class Settings:
     cafile: Optional[str] = None
     insecure: bool = False
     workers: int = DEFAULT_WORKERS
+    retry_for: float = DEFAULT_RETRY_FOR
     exclude_dirs: tuple[str, ...] = ()
     exclude_files: tuple[str, ...] = ()
     one_fs: bool = False
@@ -106,6 +142,7 @@ _ENV = {
     "cafile": "DISKOVER_AGENT_CAFILE",
     "insecure": "DISKOVER_AGENT_INSECURE",
     "workers": "DISKOVER_AGENT_WORKERS",
+    "retry-for": "DISKOVER_AGENT_RETRY_FOR",
     "exclude-dirs": "DISKOVER_AGENT_EXCLUDE_DIRS",
     "exclude-files": "DISKOVER_AGENT_EXCLUDE_FILES",
     "one-fs": "DISKOVER_AGENT_ONE_FS",
@@ -114,6 +151,7 @@ _LISTS = ("hosts", "exclude-dirs", "exclude-files")
 _BOOLS = ("tls", "insecure", "one-fs")
 _INTS = ("port", "workers")
 _STRS = ("token-file", "cafile")
+_NUMBERS = ("retry-for",)
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -152,12 +190,15 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
     workers = values.get("workers", DEFAULT_WORKERS)
     if workers < 1:
         raise ScannerConfigError("diskover agent scanner: workers must be at least 1")
+    retry_for = values.get("retry-for", DEFAULT_RETRY_FOR)
+    if not retry_for > 0:
+        raise ScannerConfigError("diskover agent scanner: retry-for must be more than 0 seconds")
     token = env.get("DISKOVER_AGENT_TOKEN") or None
     if token is None and values.get("token-file"):
         token = _read_token(values["token-file"])
     return Settings(
         hosts=tuple(hosts), port=port, token=token, tls=values.get("tls", False), cafile=values.get("cafile"),
-        insecure=values.get("insecure", False), workers=workers,
+        insecure=values.get("insecure", False), workers=workers, retry_for=float(retry_for),
         exclude_dirs=tuple(values.get("exclude-dirs", ())), exclude_files=tuple(values.get("exclude-files", ())),
         one_fs=values.get("one-fs", False), config_file=config_file,
     )
@@ -185,6 +226,9 @@ def _read_config_file(path: str) -> dict[str, Any]:
         elif key in _INTS:
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ScannerConfigError(f"{where} must be an integer")
+        elif key in _NUMBERS:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ScannerConfigError(f"{where} must be a number")
         elif not isinstance(value, str):
             raise ScannerConfigError(f"{where} must be a string")
         out[key] = value
@@ -206,6 +250,11 @@ def _from_env(key: str, name: str, raw: str) -> Any:
             return int(raw)
         except ValueError:
             raise ScannerConfigError(f"{name}={raw!r}: expected an integer") from None
+    if key in _NUMBERS:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ScannerConfigError(f"{name}={raw!r}: expected a number of seconds") from None
     return raw
 
 
@@ -273,15 +322,36 @@ class StatResult:
 class ScannerDirEntry(AgentDirEntry[AnyStr]):
     """An ``AgentDirEntry`` whose ``stat()`` is a :class:`StatResult` (with ``st_sizedu``)."""
 
-    __slots__ = ()
+    __slots__ = ("_denied",)
+
+    def __init__(self, dirpath: AnyStr, name: AnyStr, entry: Entry, denied: bool = False) -> None:
+        super().__init__(dirpath, name, entry)
+        #: The agent could stat no entry of the directory: it may read it but not search it.
+        self._denied = denied
 
     def stat(self, *, follow_symlinks: bool = True) -> StatResult:  # type: ignore[override]
         e = self._entry
         fields = e.target_stat if follow_symlinks and e.kind == KIND_SYMLINK else e.stat
         if fields is None:
+            if e.stat is None:
+                raise _no_stat(self._denied, self.path)
             super().stat(follow_symlinks=follow_symlinks)  # raises the matching OSError
             raise FileNotFoundError(errno.ENOENT, "The agent could not stat this entry", self.path)
         return StatResult(fields)
+
+
+def _is_denied(entries: list[Entry]) -> bool:
+    """True when the agent could stat none of a directory's entries: it may read the
+    directory but not search it (``r`` without ``x``), where every ``lstat`` fails."""
+    return bool(entries) and all(e.stat is None for e in entries)
+
+
+def _no_stat(denied: bool, path: object) -> OSError:
+    """What ``os.DirEntry.stat()`` raises for an entry the agent could not stat: ``PermissionError``
+    in a directory it cannot search, else ``FileNotFoundError`` (the entry vanished)."""
+    if denied:
+        return PermissionError(errno.EACCES, "Permission denied", path)
+    return FileNotFoundError(errno.ENOENT, "The agent could not stat this entry", path)
 
 
 class ScandirIterator(Generic[AnyStr]):
@@ -308,7 +378,93 @@ class ScandirIterator(Generic[AnyStr]):
         self.close()
 
 
-# -- shared state: settings, connections, caches ---------------------------------------------
+# -- which agent to ask: retries of busy and unreachable agents --------------------------------
+
+class _Hosts:
+    """The agents' health, shared by every thread: an agent that answered 503 is set aside
+    for its ``Retry-After``, one that did not answer for a backoff (0.2 s doubling to 5 s);
+    a request goes to the first usable agent from its thread's own, and waits when none is.
+    An answer from an agent makes it usable again at once (it has room now) and wakes one
+    waiting thread."""
+
+    def __init__(self, addresses: list[HostAddress], retry_for: float) -> None:
+        self.addresses = addresses
+        self.retry_for = retry_for
+        self.cond = threading.Condition()
+        self.down_until = [0.0] * len(addresses)
+        self.failures = [0] * len(addresses)
+        self.unreachable = [False] * len(addresses)
+        self.last_ok = time.monotonic()
+        self.last_error: Optional[str] = None
+        self.closed = False
+        self._gave_up = False
+
+    def take(self, home: int, started: float) -> int:
+        """The first usable agent from ``home``, waiting for one while some agent answered
+        (or this request started) less than ``retry_for`` seconds ago; else
+        :class:`AgentsUnavailableError`."""
+        n = len(self.addresses)
+        with self.cond:
+            while True:
+                if self.closed:
+                    raise AgentsUnavailableError("the diskover agent scanner was closed")
+                now = time.monotonic()
+                for i in range(n):
+                    idx = (home + i) % n
+                    if self.down_until[idx] <= now:
+                        return idx
+                left = max(started, self.last_ok) + self.retry_for - now
+                if left <= 0:
+                    raise self._unavailable()
+                self.cond.wait(min(min(self.down_until) - now, left))
+
+    def _unavailable(self) -> AgentsUnavailableError:
+        hosts = ", ".join(a.label for a in self.addresses)
+        message = (f"no diskover storage agent answered for {self.retry_for:g} s (hosts {hosts}); "
+                   f"last error: {self.last_error}")
+        if not self._gave_up:
+            self._gave_up = True
+            warn_logger.error("diskover agent scanner: %s; the crawl cannot be complete", message)
+        return AgentsUnavailableError(message)
+
+    def failed(self, idx: int, exc: BaseException) -> None:
+        busy = isinstance(exc, AgentBusyError)
+        label = self.addresses[idx].label
+        with self.cond:
+            now = time.monotonic()
+            self.last_error = f"{label}: {exc}"
+            if self.down_until[idx] > now:
+                return  # set aside already, by a request that failed at the same time
+            self.failures[idx] += 1
+            if isinstance(exc, AgentBusyError) and exc.retry_after is not None:
+                delay = exc.retry_after
+            else:
+                delay = min(BACKOFF_FIRST * 2 ** (self.failures[idx] - 1), BACKOFF_MAX)
+            self.down_until[idx] = now + delay
+            if not busy and not self.unreachable[idx]:
+                self.unreachable[idx] = True
+                warn_logger.warning("diskover agent scanner: %s does not answer (%s); other agents first, "
+                                    "retrying while some agent answered in the last %g s", label, exc, self.retry_for)
+            else:
+                logger.debug("diskover agent scanner: %s set aside for %.1f s: %s", label, delay, exc)
+
+    def succeeded(self, idx: int) -> None:
+        with self.cond:
+            self.failures[idx] = 0
+            self.down_until[idx] = 0.0
+            self.last_ok = time.monotonic()
+            if self.unreachable[idx]:
+                self.unreachable[idx] = False
+                logger.info("diskover agent scanner: %s answers again", self.addresses[idx].label)
+            self.cond.notify()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+# -- shared state: settings, connections, kept listings ------------------------------------------
 
 class _State:
     """Everything the module functions share; replaced whole by :func:`close`."""
@@ -316,35 +472,75 @@ class _State:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.exclusions = settings.exclusions
+        self.options = ClientOptions(**settings.client_options())
+        self.hosts = _Hosts(parse_hosts(list(settings.hosts), settings.port), settings.retry_for)
         self.lock = threading.Lock()
         self.local = threading.local()
         self.counter = itertools.count()
-        self.conns: weakref.WeakSet[AgentConnection] = weakref.WeakSet()
-        self.dir_stats: collections.OrderedDict[bytes, StatFields] = collections.OrderedDict()
-        self.listings: collections.OrderedDict[bytes, RemoteListing] = collections.OrderedDict()
+        self.conns: weakref.WeakSet[AgentHTTP] = weakref.WeakSet()
+        #: Listings fetched for ``scandir()`` calls still to come: key -> [listing, uses left].
+        self.kept: collections.OrderedDict[bytes, list[Any]] = collections.OrderedDict()
 
-    def connection(self) -> AgentConnection:
-        """This thread's connection; each new thread starts on the next host."""
-        conn = getattr(self.local, "conn", None)
-        if conn is None:
-            s = self.settings
-            n = next(self.counter) % len(s.hosts)
-            conn = AgentConnection(list(s.hosts[n:] + s.hosts[:n]), port=s.port, **s.client_options())
-            with self.lock:
-                self.conns.add(conn)
-            self.local.conn = conn
-        return conn
+    def call(self, request: Callable[[AgentHTTP], T]) -> T:
+        """Run a request on this thread's connection to a usable agent, retrying busy and
+        unreachable agents as :class:`_Hosts` says, until one answers."""
+        local = self.local
+        if getattr(local, "conns", None) is None:
+            local.conns, local.retried = {}, set()
+            local.home = next(self.counter) % len(self.hosts.addresses)
+        started = time.monotonic()
+        while True:
+            idx = self.hosts.take(local.home, started)
+            http = local.conns.get(idx)
+            if http is None:
+                http = local.conns[idx] = AgentHTTP(self.hosts.addresses[idx], self.options)
+                with self.lock:
+                    self.conns.add(http)
+            try:
+                result = request(http)
+            except TRANSIENT_ERRORS as exc:
+                if idx not in local.retried and not isinstance(exc, AgentBusyError):
+                    local.retried.add(idx)  # a kept-alive connection the agent closed: once more, on a new one
+                    continue
+                self.hosts.failed(idx, exc)
+                continue
+            local.retried.discard(idx)
+            self.hosts.succeeded(idx)
+            return result
 
-    def fetch(self, path: Union[str, bytes]) -> RemoteListing:
-        """One listing request (with stat records and the exclusions); errors in ``.error``."""
-        fsencode_path(path)  # absolute, encodable
-        return self.connection().listing(path, stat=True, exclusions=self.exclusions or None)
+    def fetch(self, key: bytes, filename: Union[str, bytes]) -> RemoteListing:
+        """One listing (with stat records and the exclusions) of the normalised remote path
+        ``key``; file-system errors in ``.error``, with ``filename`` as the caller wrote it."""
+        return self.call(lambda http: http.listdir(key, True, filename, self.exclusions or None))
+
+    def keep(self, key: bytes, listing: RemoteListing, uses: int) -> None:
+        with self.lock:
+            self.kept[key] = [listing, uses]
+            self.kept.move_to_end(key)
+            while len(self.kept) > LISTINGS_MAX:
+                self.kept.popitem(last=False)
+
+    def peek(self, key: bytes) -> Optional[RemoteListing]:
+        with self.lock:
+            kept = self.kept.get(key)
+        return kept[0] if kept is not None else None
+
+    def use(self, key: bytes) -> Optional[RemoteListing]:
+        """A kept listing for ``scandir()``, forgotten after its last use."""
+        with self.lock:
+            kept = self.kept.get(key)
+            if kept is None:
+                return None
+            kept[1] -= 1
+            if kept[1] <= 0:
+                del self.kept[key]
+        return kept[0]
 
     def close(self) -> None:
+        self.hosts.close()
         with self.lock:
             conns = list(self.conns)
-            self.dir_stats.clear()
-            self.listings.clear()
+            self.kept.clear()
         for conn in conns:
             conn.close()
 
@@ -368,8 +564,8 @@ def _state() -> _State:
 
 def _describe(s: Settings) -> str:
     return (f"hosts {','.join(s.hosts)} (port {s.port}), tls {s.tls or s.cafile is not None}, "
-            f"token {'yes' if s.token else 'no'}, walk workers {s.workers}, exclude dirs {list(s.exclude_dirs)}, "
-            f"exclude files {list(s.exclude_files)}, one_fs {s.one_fs}, "
+            f"token {'yes' if s.token else 'no'}, retry for {s.retry_for:g} s, walk workers {s.workers}, "
+            f"exclude dirs {list(s.exclude_dirs)}, exclude files {list(s.exclude_files)}, one_fs {s.one_fs}, "
             f"config file {s.config_file or 'none'}")
 
 
@@ -378,63 +574,57 @@ def settings() -> Settings:
     return _state().settings
 
 
+def kept_listings() -> int:
+    """Listings the scanner holds for ``scandir()`` calls still to come (0 before any call)."""
+    state = _current
+    if state is None:
+        return 0
+    with state.lock:
+        return len(state.kept)
+
+
 def _key(path: Union[str, bytes]) -> bytes:
-    return posixpath.normpath(os.fsencode(path))
-
-
-def _join(parent: bytes, name: bytes) -> bytes:
-    return parent + name if parent.endswith(b"/") else parent + b"/" + name
+    """The remote path to ask the agents for: absolute, normalised (no ``.``, ``..``, ``//``
+    or trailing slash: the agents refuse them), as ``posixpath.normpath`` computes it."""
+    raw = posixpath.normpath(fsencode_path(path))
+    return b"/" + raw.lstrip(b"/") if raw.startswith(b"//") else raw
 
 
 # -- the module surface diskover calls -----------------------------------------------------
 
 def scandir(path: AnyStr) -> ScandirIterator[AnyStr]:
     """Entries of a remote directory, like ``os.scandir``: one listing request, or none when
-    :func:`stat` just fetched it; no entry method makes a request."""
+    :func:`stat` or :func:`check_dirpath` just fetched it; no entry method makes a request."""
     path = os.fspath(path)
     state = _state()
     key = _key(path)
-    with state.lock:
-        listing = state.listings.pop(key, None)
+    listing = state.use(key)
     if listing is None:
-        listing = state.fetch(path)
+        listing = state.fetch(key, path)
     if listing.error is not None:
         raise listing.error
     decode = (lambda b: b) if isinstance(path, bytes) else os.fsdecode
-    entries = [ScannerDirEntry(path, decode(e.name), e) for e in listing.entries]
-    subdirs = [(_join(key, e.name), e.stat) for e in listing.entries if e.kind == KIND_DIR and e.stat is not None]
-    if subdirs:
-        with state.lock:
-            cache = state.dir_stats
-            cache.update(subdirs)
-            while len(cache) > DIR_STATS_MAX:
-                cache.popitem(last=False)
-    return ScandirIterator(entries)
+    denied = _is_denied(listing.entries)
+    return ScandirIterator([ScannerDirEntry(path, decode(e.name), e, denied) for e in listing.entries])
 
 
 def stat(path: Union[str, bytes, os.PathLike], st: Any = None) -> StatResult:
     """``os.stat(path)`` of a remote path, with ``st_sizedu``; ``st`` (wire stat fields or a
     stat result) is converted instead of asked for.
 
-    A directory seen in its parent's listing costs no request; another one costs the one
-    listing that the following :func:`scandir` of it then uses; a file costs its parent's listing.
+    A directory costs the one listing that the following :func:`scandir` of it then uses
+    (none when that listing is held already); a file costs its parent's listing.
     """
     if st is not None:
         return st if isinstance(st, StatResult) else StatResult(_fields_of(st))
     path = os.fspath(path)
     state = _state()
     key = _key(path)
-    with state.lock:
-        fields = state.dir_stats.pop(key, None)
-        listing = state.listings.get(key) if fields is None else None
-    if fields is not None:
-        return StatResult(fields)
+    listing = state.peek(key)
     if listing is None:
-        listing = state.fetch(path)
-        with state.lock:
-            state.listings[key] = listing
-            while len(state.listings) > LISTINGS_MAX:
-                state.listings.popitem(last=False)
+        listing = state.fetch(key, path)
+        if listing.error is None:
+            state.keep(key, listing, 1)
     if listing.error is None and listing.stat is not None:
         return StatResult(listing.stat)
     error = listing.error or FileNotFoundError(errno.ENOENT, "The agent sent no stat record", path)
@@ -442,22 +632,24 @@ def stat(path: Union[str, bytes, os.PathLike], st: Any = None) -> StatResult:
         raise error
     # Not a directory, or one the agent cannot open: its stat is in its parent's listing.
     try:
-        return _stat_in_parent(state, path)
+        return _stat_in_parent(state, key, path)
     except OSError:
         raise error from None
 
 
-def _stat_in_parent(state: _State, path: Union[str, bytes]) -> StatResult:
-    parent, name = posixpath.split(os.fsencode(path).rstrip(b"/"))
+def _stat_in_parent(state: _State, key: bytes, path: Union[str, bytes]) -> StatResult:
+    parent, name = posixpath.split(key)
     if not name:
         raise FileNotFoundError(errno.ENOENT, "No parent to stat from", path)
-    listing = state.fetch(parent)
+    listing = state.fetch(parent, parent)
     if listing.error is not None:
         raise listing.error
     for e in listing.entries:
         if e.name == name:
             fields = e.target_stat if e.kind == KIND_SYMLINK else e.stat
             if fields is None:
+                if e.stat is None:
+                    raise _no_stat(_is_denied(listing.entries), path)
                 raise FileNotFoundError(errno.ENOENT, "The agent could not stat this entry", path)
             return StatResult(fields)
     raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
@@ -472,45 +664,68 @@ def _fields_of(st: Any) -> StatFields:
 
 def walk(top: AnyStr, topdown: bool = True, onerror: Any = None,
          followlinks: bool = False) -> Iterator[tuple[AnyStr, list[AnyStr], list[AnyStr]]]:
-    """``os.walk(top)`` through the agents (``parallel_walk`` with the configured workers and
-    exclusions): top-down, symlinks not followed, directories in arrival order."""
+    """``os.walk(top)`` through the agents (``parallel_walk`` with the configured workers,
+    retry time and exclusions): top-down, symlinks not followed, directories in arrival
+    order; :class:`AgentsUnavailableError` when no agent answered for ``retry-for`` seconds."""
     if not topdown or followlinks:
         raise NotImplementedError("the agent scanner walks top-down without following symlinks")
     s = _state().settings
-    return parallel_walk(
-        top, workers=s.workers, hosts=list(s.hosts), port=s.port, onerror=onerror,
+    return _fatal_when_gone(parallel_walk(
+        top, workers=s.workers, hosts=list(s.hosts), port=s.port, onerror=onerror, retry_for=s.retry_for,
         exclude_dirs=s.exclude_dirs, exclude_files=s.exclude_files, one_fs=s.one_fs, **s.client_options(),
-    )
+    ))
+
+
+def _fatal_when_gone(rows: Iterator[T]) -> Iterator[T]:
+    try:
+        yield from rows
+    except AgentConnectionError as exc:  # the walk's "no agent answered": an OSError diskover would skip
+        raise AgentsUnavailableError(str(exc)) from exc
 
 
 def check_dirpath(path: Union[str, bytes]) -> tuple[bool, Optional[str]]:
-    """``(True, None)`` when ``path`` is a remote directory the agents serve, else ``(False, why)``."""
+    """``(True, None)`` when ``path`` (normalised as :func:`abspath` does) is a remote
+    directory the agents serve, else ``(False, why)``. Its listing is kept for the two
+    :func:`scandir` calls diskover makes of its top directory."""
     shown = os.fsdecode(path)
     if not os.fsencode(path).startswith(b"/"):
         return False, f"{shown}: the agent scanner needs an absolute remote path"
     try:
-        st = stat(path)
-    except FileNotFoundError:
-        return False, f"{shown} no such directory!"
+        state = _state()
+        key = _key(path)
+        listing = state.fetch(key, path)
     except Exception as exc:  # refused, no agent answering, a wrong token, bad settings...
         return False, f"{shown}: {exc}"
-    if not _stat.S_ISDIR(st.st_mode):
+    error = listing.error
+    if error is None and listing.stat is not None and _stat.S_ISDIR(listing.stat[0]):
+        state.keep(key, listing, 2)
+        return True, None
+    if error is not None and error.errno == errno.ENOENT:
+        return False, f"{shown} no such directory!"
+    if error is None or error.errno == errno.ENOTDIR:
         return False, f"{shown} is not a directory!"
-    return True, None
+    return False, f"{shown}: {error}"
 
 
 def abspath(path: AnyStr) -> AnyStr:
-    """The normalized absolute remote path (no trailing slash); remote paths must be absolute."""
+    """The normalised absolute remote path (``..`` resolved by name, no trailing slash),
+    as ``os.path.abspath`` gives the local scanner; remote paths must be absolute."""
     path = os.fspath(path)
-    if not os.fsencode(path).startswith(b"/"):
+    raw = os.fsencode(path)
+    if not raw.startswith(b"/"):
         raise ValueError(f"remote path must be absolute: {path!r}")
-    return posixpath.normpath(path)
+    key = _key(raw)
+    return key if isinstance(path, bytes) else os.fsdecode(key)  # type: ignore[return-value]
 
 
 def get_storage_size(path: Union[str, bytes]) -> tuple[int, int, int]:
     """``(total, free, available)`` bytes of the file system holding the remote directory."""
-    sizes = _state().connection().statvfs(path)
-    return sizes["total"], sizes["free"], sizes["available"]
+    state = _state()
+    key = _key(path)
+    result = state.call(lambda http: http.statvfs(key, path))
+    if isinstance(result, OSError):
+        raise result
+    return result["total"], result["free"], result["available"]
 
 
 def add_meta(path: Any, st: Any) -> None:
@@ -519,7 +734,8 @@ def add_meta(path: Any, st: Any) -> None:
 
 
 def close(_: Any = None) -> None:
-    """Close every connection and forget the settings and caches (the next call reads them again)."""
+    """Close every connection and forget the settings and kept listings (the next call reads
+    the settings again); requests still waiting for an agent raise :class:`AgentsUnavailableError`."""
     global _current
     with _state_lock:
         state, _current = _current, None
@@ -534,9 +750,12 @@ def init(diskover_globals: Any = None) -> None:
 
 def log_setup(loglevel: Any, logformat: str, filelogging: bool, handler_file: Optional[logging.Handler],
               handler_warnfile: Optional[logging.Handler], handler_con: Optional[logging.Handler]) -> None:
-    """Log at diskover's level, through its log file and console handlers when it logs to a file."""
+    """Log at diskover's level, through its log file and console handlers when it logs to a
+    file; warnings and errors (an agent that does not answer, the crawl given up) also go to
+    its warnings log (``handler_warnfile``)."""
     logger.setLevel(loglevel)
+    warn_logger.setLevel(logging.WARNING)
     if filelogging:
-        for handler in (handler_file, handler_con):
-            if handler is not None and handler not in logger.handlers:
-                logger.addHandler(handler)
+        for log, handler in ((logger, handler_file), (logger, handler_con), (warn_logger, handler_warnfile)):
+            if handler is not None and handler not in log.handlers:
+                log.addHandler(handler)
