@@ -132,6 +132,8 @@ class _Walk:
             if d.error is not None:
                 self.error(d.error)
                 continue
+            if d.skipped:  # a symlink now: os.walk does not descend into it
+                continue
             root, dirs, files, links = self.listing(d)
             before = [_name(x) for x in dirs]
             yield root, dirs, files
@@ -159,7 +161,7 @@ class _Walk:
             path = d.path
             if d.error is not None:
                 self.error(d.error)
-            else:
+            elif not d.skipped:
                 root, dirs, files, links = self.listing(d)
                 below = len(dirs) - (0 if self.follow else len(links))  # the engine walks real ones
                 if self.follow:
@@ -193,7 +195,7 @@ class _Walk:
 
         def ask(path: bytes) -> None:
             asked.add(path)
-            walker.add(path)
+            walker.add(path, follow=self.follow)  # os.walk opens every one following, with followlinks
 
         def read_ahead() -> None:
             for _, todo in reversed(stack):
@@ -219,7 +221,7 @@ class _Walk:
                 return
             if d.error is not None:
                 self.error(d.error)
-            else:
+            elif not d.skipped:
                 root, dirs, files, links = self.listing(d)
                 if topdown:
                     yield root, dirs, files  # the body may change dirs, and the tree below
@@ -251,7 +253,7 @@ def _walk(top: AnyStr, hosts: Union[str, Sequence[str], None], onerror: OnError,
         walker_args.update(mode="listdir", expand=False)
     walker = Walker(top, hosts, **walker_args)
     walk = _Walk(top, walker, onerror, followlinks, walker_args["workers"], split)
-    results = walker.dirs()
+    results = walker.dirs(skips=True)
     try:
         if not readahead:
             yield from walk.in_order(results, topdown)

@@ -33,6 +33,7 @@ from .protocol import (
     Exclusions,
     Frame,
     ProtocolError,
+    SkipFrame,
     StatFields,
     WalkRequest,
     decode_error,
@@ -94,6 +95,8 @@ class RemoteListing:
     error: Optional[OSError] = None
     #: The directory's own stat record, when stat was asked for.
     stat: Optional[StatFields] = None
+    #: Asked with ``nofollow``, the path is a symlink now: not listed, not an error.
+    skipped: bool = False
 
 
 #: A token file is read no further than this.
@@ -219,21 +222,33 @@ class AgentHTTP:
                 pass
 
     def listdir(self, path: bytes, want_stat: bool, filename: object,
-                exclusions: Optional[Exclusions] = None) -> RemoteListing:
+                exclusions: Optional[Exclusions] = None, nofollow: bool = False) -> RemoteListing:
         """List one remote directory. File-system errors come back in ``error``
         (with ``filename`` set); transport errors raise. A path longer than
-        ``MAX_PATH`` is ``ENAMETOOLONG`` without asking."""
+        ``MAX_PATH`` is ``ENAMETOOLONG`` without asking. With ``nofollow``, a path
+        that is a symlink is not listed (``skipped``); an agent that predates it
+        raises :class:`WalkFieldsRefused`."""
         if len(path) > MAX_PATH:
             return RemoteListing(path, [], OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), filename))
         target = quote_path(path) + ("?format=msgpack&stat=1" if want_stat else "?format=msgpack")
         if exclusions:
             target += exclusions.query()
+        if nofollow:
+            target += "&nofollow=1"
         try:
             resp = self._request("GET", target)
             if resp.status != 200:
-                error = self._error(resp, filename)
+                try:
+                    error = self._error(resp, filename)
+                except AgentHTTPError as exc:
+                    if nofollow and exc.status == 400 and "nofollow" in exc.message:
+                        raise WalkFieldsRefused(f"{self.address.label} refused the listing parameter nofollow") \
+                            from None
+                    raise
                 return RemoteListing(path, [], error)
             result = _collect(path, read_frames(_body_reader(resp)), filename)
+            if result.skipped and not nofollow:
+                raise AgentProtocolError(f"{self.address.label} skipped a listing asked to follow symlinks")
             self._finish(resp)
             return result
         except BaseException:
@@ -318,8 +333,8 @@ class SubtreeUnsupported(AgentError):
 
 
 class WalkFieldsRefused(AgentError):
-    """The agent refused a walk request with ``frontier_frames`` or ``nofollow`` (400):
-    an agent older than these fields; ask it again without them."""
+    """The agent refused a walk request with ``frontier_frames`` or ``nofollow``, or a
+    listing with ``nofollow`` (400): an agent older than these; ask it again without them."""
 
 
 def is_loopback(host: str) -> bool:
@@ -361,6 +376,7 @@ def _collect(path: bytes, frames, filename: object) -> RemoteListing:
     entries: list[Entry] = []
     error: Optional[OSError] = None
     seen_dir = False
+    skipped = False
     stat = None
     for frame in frames:
         if isinstance(frame, EntriesFrame):
@@ -372,7 +388,13 @@ def _collect(path: bytes, frames, filename: object) -> RemoteListing:
             stat = frame.stat
         elif isinstance(frame, ErrorFrame):
             error = OSError(frame.errno, frame.message, filename)
+        elif isinstance(frame, SkipFrame):
+            if seen_dir or skipped or frame.path != path:
+                raise AgentProtocolError("a skip frame that does not answer the listing asked for")
+            skipped = True
         elif isinstance(frame, EndFrame):
+            if skipped and not frame.frontier:
+                return RemoteListing(path, [], None, None, skipped=True)
             if not seen_dir:
                 raise AgentProtocolError("listing without a directory")
             return RemoteListing(path, [] if error else entries, error, stat)

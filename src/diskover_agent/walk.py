@@ -138,14 +138,16 @@ class _Hosts:
 
 
 class _Dir:
-    """One completed directory on its way to the generator."""
+    """One completed directory on its way to the generator; ``skipped``: a path the walk
+    found that is a symlink now, so neither listed nor an error (as ``os.walk``)."""
 
-    __slots__ = ("entries", "error", "path")
+    __slots__ = ("entries", "error", "path", "skipped")
 
-    def __init__(self, path: bytes, entries: list[Entry], error: Optional[OSError]) -> None:
+    def __init__(self, path: bytes, entries: list[Entry], error: Optional[OSError], skipped: bool = False) -> None:
         self.path = path
         self.entries = entries
         self.error = error
+        self.skipped = skipped
 
 
 class Walker:
@@ -222,8 +224,9 @@ class Walker:
 
     # -- the generator side ----------------------------------------------------------
 
-    def dirs(self) -> Iterator[_Dir]:
-        """Completed directories as they arrive, until the walk is complete."""
+    def dirs(self, skips: bool = False) -> Iterator[_Dir]:
+        """Completed directories as they arrive, until the walk is complete; with
+        ``skips``, the paths found to be symlinks now too (``skipped``)."""
         for t in self._threads:
             t.start()
         try:
@@ -245,6 +248,8 @@ class Walker:
                     self._resolve(1)
                     continue
                 self._resolve(1)
+                if item.skipped and not skips:
+                    continue
                 yield item
         finally:
             self.stop()
@@ -441,8 +446,12 @@ class Walker:
                 done = self._serve_subtree(idx, conn, batch, pending)
             else:
                 (path,) = batch
-                listing = conn.listdir(path, self.stat, self._filename(path), self.exclusions)
-                self._complete(path, listing.entries, listing.error, pending)
+                nofollow = not self.hosts.legacy[idx] and path not in self._follow
+                listing = conn.listdir(path, self.stat, self._filename(path), self.exclusions, nofollow)
+                if listing.skipped:
+                    self._skip(path, pending)
+                else:
+                    self._complete(path, listing.entries, listing.error, pending)
                 done = 1
         except WalkFieldsRefused:
             self.hosts.legacy[idx] = True
@@ -504,10 +513,9 @@ class Walker:
                     self._complete_early(current, entries, error, pending, early)
                     done += 1
                     current = None
-                if frame.path not in pending:
+                if frame.path not in pending or not req.nofollow:
                     raise AgentProtocolError(f"agent skipped {frame.path!r}, which was not asked for")
-                del pending[frame.path]
-                self._resolve(1)
+                self._skip(frame.path, pending)
             elif isinstance(frame, EndFrame):
                 if current is not None:
                     self._complete_early(current, entries, error, pending, early)
@@ -551,10 +559,17 @@ class Walker:
             self._requeue(list(early))
         early.clear()
 
+    def _skip(self, path: bytes, pending: dict[bytes, None]) -> None:
+        """A path found by the walk that is a symlink now: not walked, as ``os.walk``."""
+        del pending[path]
+        self._followed(path)
+        self._deliver(_Dir(path, [], None, skipped=True))
+
     def _complete(self, path: bytes, entries: list[Entry], error: Optional[OSError],
                   pending: dict[bytes, None]) -> None:
         """Hand one directory to the generator; its subdirectories become owed work."""
         del pending[path]
+        self._followed(path)
         if error is None and self.expand:
             subdirs = [_join(path, e.name) for e in entries if e.kind == KIND_DIR]
             if subdirs:
@@ -565,6 +580,12 @@ class Walker:
         with self._results_ready:
             self.entries += len(entries)
         self._deliver(_Dir(path, entries, error))
+
+    def _followed(self, path: bytes) -> None:
+        """Forget a path to follow once it is served, so the set holds only work owed."""
+        if path in self._follow:
+            with self._cond:
+                self._follow.discard(path)
 
     def _filename(self, path: bytes) -> Union[str, bytes]:
         return path if self._bytes else os.fsdecode(path)

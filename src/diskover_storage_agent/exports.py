@@ -105,7 +105,10 @@ class ExportTable:
         found = self.lookup(split_path(path))
         if found is None:
             raise OutsideExport(path)
-        export, rel = found
+        return self.open_found(found[0], found[1], path, follow_last)
+
+    def open_found(self, export: Export, rel: tuple[bytes, ...], path: bytes, follow_last: bool = True) -> int:
+        """:meth:`open_remote` for a path already looked up (``export``, ``rel``)."""
         if follow_last or not rel:
             return self.open_beneath(export, rel, path)
         parent = self.open_beneath(export, rel[:-1], path)

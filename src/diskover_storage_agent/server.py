@@ -38,13 +38,14 @@ from diskover_agent.protocol import (
     ErrorBody,
     WalkRequest,
     encode_error,
+    encode_frame,
     errno_name,
     unquote_path,
 )
 
 from . import __version__
 from .config import AgentConfig, tls_context
-from .exports import CONTROL_PREFIX, MAX_PATH, BadPath, ExportTable, OutsideExport, split_path
+from .exports import CONTROL_PREFIX, MAX_PATH, BadPath, ExportTable, IsSymlink, OutsideExport, split_path
 from .filters import MAX_PATTERNS, Filter
 from .limits import Body, BodyBudget, BodyTooLarge, BudgetFull, GuardedServer, connection_of
 from .listing import GzipReader, Listing, Reader, TextListing, accepts_gzip
@@ -93,6 +94,12 @@ def os_error_response(exc: OSError, path: bytes) -> web.Response:
     return error_response(status, errno_name(num), exc.strerror or os.strerror(num), num=num, path=path)
 
 
+def skip_response(fmt: str, path: bytes) -> web.Response:
+    """A listing asked with ``nofollow`` of a path that is a symlink now: not listed, not an error."""
+    body = encode_frame(("skip", path), fmt) + encode_frame(("end", []), fmt)
+    return web.Response(body=body, headers={**_HEADERS, "Content-Type": _CONTENT_TYPES[fmt]})
+
+
 def parse_target(raw: str) -> tuple[bytes, dict[str, list[str]]]:
     """The remote path (bytes) and query parameters of a request target.
 
@@ -136,7 +143,7 @@ def no_more(params: dict[str, list[str]]) -> None:
 class ListingRequest:
     """What one listing request asks for, validated."""
 
-    __slots__ = ("exclusions", "fmt", "parts", "path", "want_stat")
+    __slots__ = ("exclusions", "fmt", "nofollow", "parts", "path", "want_stat")
 
     def __init__(self, path: bytes, parts: tuple[bytes, ...], params: dict[str, list[str]]) -> None:
         self.path = path
@@ -157,6 +164,10 @@ class ListingRequest:
         self.exclusions = (dirs, files, one_fs)
         if (dirs or files or one_fs) and self.fmt == "text":
             raise BadRequest("exclusions need format=msgpack or format=ndjson")
+        #: The path was found by a walk: a symlink in its last component is not followed.
+        self.nofollow = flag(params, "nofollow")
+        if self.nofollow and self.fmt == "text":
+            raise BadRequest("nofollow needs format=msgpack or format=ndjson")
         no_more(params)
 
 
@@ -434,7 +445,9 @@ class Agent:
             return busy_response()
         try:
             try:
-                fd = await self.run(self.exports.open_beneath, found[0], found[1], path)
+                fd = await self.run(self.exports.open_found, found[0], found[1], path, not req.nofollow)
+            except IsSymlink:
+                return skip_response(req.fmt, path)
             except OSError as exc:
                 return os_error_response(exc, path)
             if request.method == "HEAD":
