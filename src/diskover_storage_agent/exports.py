@@ -22,7 +22,12 @@ CONTROL_PREFIX = b"_agent"
 
 
 class BadPath(ValueError):
-    """A request path that is not a valid absolute remote path."""
+    """A request path that is not a valid absolute remote path; ``errno`` says which
+    ``OSError`` the client raises for it (``EACCES`` for ``..``, else ``EINVAL``...)."""
+
+    def __init__(self, message: str, num: int = errno.EINVAL) -> None:
+        super().__init__(message)
+        self.errno = num
 
 
 class OutsideExport(PermissionError):
@@ -39,10 +44,10 @@ def split_path(path: bytes) -> tuple[bytes, ...]:
     if b"\0" in path:
         raise BadPath("path contains a NUL byte")
     if len(path) > MAX_PATH:
-        raise BadPath(f"path longer than {MAX_PATH} bytes")
+        raise BadPath(f"path longer than {MAX_PATH} bytes", errno.ENAMETOOLONG)
     parts = tuple(p for p in path.split(b"/") if p and p != b".")
     if b".." in parts:
-        raise BadPath("path contains a '..' component")
+        raise BadPath("path contains a '..' component", errno.EACCES)
     return parts
 
 

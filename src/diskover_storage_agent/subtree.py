@@ -44,11 +44,6 @@ def validate(req: WalkRequest) -> Optional[str]:
         return f"max_entries must be between 1 and {MAX_ENTRIES}"
     if not 0 < req.max_seconds <= MAX_SECONDS:
         return f"max_seconds must be above 0 and at most {MAX_SECONDS:g}"
-    for path in req.paths:
-        try:
-            split_path(path)
-        except BadPath as exc:
-            return f"{path!r}: {exc}"
     return Filter.check(req.exclude_dirs) or Filter.check(req.exclude_files)
 
 
@@ -134,7 +129,10 @@ class SubtreeWalk:
         return self.directories > 0 and (self.entries >= self.req.max_entries or time.monotonic() >= deadline)
 
     def _open_root(self, path: bytes) -> int:
-        parts = split_path(path)
+        try:
+            parts = split_path(path)
+        except BadPath as exc:  # answered in-band, like any path that cannot be listed
+            raise OSError(exc.errno, str(exc)) from None
         found = self.exports.lookup(parts)
         if found is None:
             raise OutsideExport(path)
