@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -47,6 +48,21 @@ def test_agent_names_the_path_refusal(agent):
     assert b'"errno":%d' % errno.EACCES in body and b'"path":"/mnt/isilon/a/../../etc"' in body
     status, _, body = http_get(agent.port, "/mnt/isilon?bogus=1")
     assert status == 400 and b'"error":"bad_request"' in body and b"errno" not in body
+
+
+def test_walk_request_refuses_a_dotdot_path_alone(agent):
+    """In a walk request, a ``..`` path gets a ``dir`` and an ``error`` frame (EACCES); the
+    other paths of the request are walked."""
+    body = json.dumps({"paths": [REMOTE + "/a/../../etc", REMOTE + "/b"], "max_entries": 1000}).encode()
+    status, _, answer = http_get(agent.port, "/_agent/v1/walk", method="POST", body=body,
+                                 headers={"Content-Type": "application/json"})
+    assert status == 200, answer
+    frames = [json.loads(line) for line in answer.splitlines()]
+    assert frames[0] == ["dir", REMOTE + "/a/../../etc", None]
+    assert frames[1][:3] == ["error", errno.EACCES, "EACCES"] and "'..'" in frames[1][3]
+    assert frames[2] == ["dir", REMOTE + "/b", None]
+    assert [e[0] for e in frames[3][1]] == ["f2"]
+    assert frames[4] == ["end", []]
 
 
 @pytest.mark.parametrize("path", DOTDOT)

@@ -10,6 +10,7 @@ state is kept once the answer is sent, so any agent can continue any walk.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Iterator
@@ -44,6 +45,12 @@ def validate(req: WalkRequest) -> Optional[str]:
         return f"max_entries must be between 1 and {MAX_ENTRIES}"
     if not 0 < req.max_seconds <= MAX_SECONDS:
         return f"max_seconds must be above 0 and at most {MAX_SECONDS:g}"
+    for path in req.paths:
+        try:
+            split_path(path)
+        except BadPath as exc:
+            if exc.errno != errno.EACCES:  # a '..' is refused in the answer, for that path alone
+                return f"{path!r}: {exc}"
     return Filter.check(req.exclude_dirs) or Filter.check(req.exclude_files)
 
 
