@@ -338,7 +338,9 @@ def test_error_answers(awkward_tree, start_agent):
         ("GET", REMOTE + "/locked/subdir", 403, "EACCES", errno.EACCES),
     ]
     cases += [("GET", t, 403, "not_exported", errno.EACCES) for t in NOT_EXPORTED]
-    cases += [("GET", t, 400, "bad_request", None) for t in DOTDOT_TARGETS + NUL_TARGETS + QUERY_TARGETS]
+    cases += [("GET", t, 400, "bad_path", errno.EACCES) for t in DOTDOT_TARGETS]
+    cases += [("GET", t, 400, "bad_path", errno.EINVAL) for t in NUL_TARGETS]
+    cases += [("GET", t, 400, "bad_request", None) for t in QUERY_TARGETS]
     problems = []
     for method, target, status, code, num in cases:
         r = request(agent, target, method)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, AnyStr, Optional, TypeVar, Union
 
 from .entry import AgentDirEntry
-from .errors import AgentConnectionError
+from .errors import AgentConnectionError, AgentProtocolError
 from .protocol import KIND_DIR, KIND_SYMLINK, Entry, Exclusions
 from .transport import (
     DEFAULT_PORT,
@@ -140,8 +140,11 @@ class AgentConnection:
         return listing
 
     def _ask(self, request: Callable[[AgentHTTP], T]) -> T:
-        """Run a request on the current host, moving on to the next ones when it fails."""
+        """Run a request on the current host, moving on to the next ones when it fails:
+        :class:`AgentProtocolError` when one of them answered invalidly, else
+        :class:`AgentConnectionError`."""
         errors = []
+        invalid = False
         for _ in range(len(self._addresses)):
             if self._http is None:
                 self.connect()
@@ -150,7 +153,10 @@ class AgentConnection:
                 return request(self._http)
             except TRANSIENT_ERRORS as exc:
                 errors.append(f"{self._http.address.label}: {exc}")
+                invalid = invalid or isinstance(exc, AgentProtocolError)
                 self.close()
+        if invalid:
+            raise AgentProtocolError("no agent gave a valid answer: " + "; ".join(errors))
         raise AgentConnectionError("no agent could answer: " + "; ".join(errors))
 
     def close(self) -> None:

@@ -38,7 +38,7 @@ import stat as _stat
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 import msgspec
@@ -145,15 +145,25 @@ def encode_frame(frame: Sequence[Any], fmt: str) -> bytes:
     return _json_encode(frame) + b"\n"
 
 
-StatFields = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int]
+# What the client accepts in a stat record: each field within its C type on Linux, sizes and
+# counts never negative. Times are signed (a file may date from before 1970). msgspec checks
+# these while it decodes, in C, so a record out of range is a malformed frame.
+_U32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+_U64 = Annotated[int, msgspec.Meta(ge=0)]  # msgpack holds no integer above 2**64 - 1
+_NONNEG_I64 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+_I64 = int  # msgpack holds no integer below -2**63
+#: ``STAT_FIELDS`` as they travel: mode, uid, gid are 32-bit; ino, dev, nlink, rdev 64-bit
+#: unsigned; size, blocks, blksize non-negative 64-bit; the three times signed nanoseconds.
+StatFields = tuple[_U32, _U64, _U64, _U64, _U32, _U32, _NONNEG_I64, _I64, _I64, _I64, _NONNEG_I64, _NONNEG_I64, _U64]
+Kind = Literal["d", "f", "l", "p", "s", "c", "b", "?"]
 
 
 class Entry(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """One directory entry as it travels."""
 
     name: bytes
-    kind: str
-    target: Optional[str]
+    kind: Kind
+    target: Optional[Kind]
     stat: Optional[StatFields]
     target_stat: Optional[StatFields]
 
@@ -191,6 +201,34 @@ _frame_decoder = msgspec.msgpack.Decoder(Frame)
 
 class ProtocolError(ValueError):
     """An answer that does not follow the wire protocol."""
+
+
+_NOT_NAMES = frozenset((b"", b".", b".."))
+
+
+def check_names(entries: Sequence[Entry], seen: set[bytes]) -> Optional[str]:
+    """Why the names of a directory's next ``entries`` are not valid, or None.
+
+    A name is one path component: not empty, not ``.`` or ``..``, without ``/`` or NUL,
+    and it appears once in its directory: ``seen`` holds the names of the directory's
+    earlier entries, and is updated. The common case costs a few C loops per frame.
+    """
+    if not entries:
+        return None
+    names = [e.name for e in entries]
+    new = set(names)
+    joined = b"/".join(names)
+    if (len(new) == len(names) and new.isdisjoint(_NOT_NAMES) and seen.isdisjoint(new)
+            and b"\0" not in joined and joined.count(b"/") == len(names) - 1):
+        seen |= new
+        return None
+    for name in names:
+        if name in _NOT_NAMES or b"/" in name or b"\0" in name:
+            return f"invalid entry name {name!r}"
+        if name in seen:
+            return f"entry name {name!r} appears twice in one directory"
+        seen.add(name)
+    return None  # not reached: the quick test fails only on one of the cases above
 
 
 def read_frames_raw(read: Callable[[int], bytes]) -> Iterator[bytes]:

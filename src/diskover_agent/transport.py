@@ -36,6 +36,7 @@ from .protocol import (
     SkipFrame,
     StatFields,
     WalkRequest,
+    check_names,
     decode_error,
     encode_walk_request,
     quote_path,
@@ -246,7 +247,7 @@ class AgentHTTP:
                             from None
                     raise
                 return RemoteListing(path, [], error)
-            result = _collect(path, read_frames(_body_reader(resp)), filename)
+            result = _collect(path, _frames(resp), filename)
             if result.skipped and not nofollow:
                 raise AgentProtocolError(f"{self.address.label} skipped a listing asked to follow symlinks")
             self._finish(resp)
@@ -274,8 +275,9 @@ class AgentHTTP:
             raise
 
     def walk(self, req: WalkRequest) -> Iterator[Frame]:
-        """Frames of a subtree walk as they arrive. Raises :class:`SubtreeUnsupported`
-        when the agent has no walk endpoint."""
+        """Frames of a subtree walk as they arrive, their names checked (the caller
+        checks which directories they are). Raises :class:`SubtreeUnsupported` when the
+        agent has no walk endpoint, :class:`AgentProtocolError` on an invalid answer."""
         try:
             resp = self._request("POST", WALK_PATH + "?format=msgpack", encode_walk_request(req))
             if resp.status in (404, 405):
@@ -289,7 +291,15 @@ class AgentHTTP:
             if resp.status != 200:
                 error = self._error(resp, None)
                 raise AgentProtocolError(f"{self.address.label}: walk request failed: {error}")
-            yield from read_frames(_body_reader(resp))
+            current, seen = b"", set[bytes]()  # the directory being listed, its names so far
+            for frame in _frames(resp):
+                if isinstance(frame, EntriesFrame):
+                    problem = check_names(frame.entries, seen)
+                    if problem:
+                        raise AgentProtocolError(f"{problem} (listing of {current!r})")
+                elif isinstance(frame, DirFrame):
+                    current, seen = frame.path, set()
+                yield frame
             self._finish(resp)
         except BaseException:
             self.close()
@@ -323,8 +333,8 @@ class AgentHTTP:
             retry = resp.getheader("Retry-After")
             raise AgentBusyError(label, resp.status, err.error, err.message,
                                  float(retry) if retry and retry.isdigit() else None)
-        if err.errno is not None and resp.status in (403, 404, 500):
-            return OSError(err.errno, err.message, filename)
+        if err.errno is not None and (resp.status in (403, 404, 500) or err.error == "bad_path"):
+            return OSError(err.errno, err.message, filename)  # about the path: as the local call
         raise AgentHTTPError(label, resp.status, err.error, err.message)
 
 
@@ -372,18 +382,35 @@ def _body_reader(resp: http.client.HTTPResponse) -> Callable[[int], bytes]:
     return read
 
 
-def _collect(path: bytes, frames, filename: object) -> RemoteListing:
+def _frames(resp: http.client.HTTPResponse) -> Iterator[Frame]:
+    """The frames of an answer; one that breaks the protocol raises :class:`AgentProtocolError`."""
+    try:
+        yield from read_frames(_body_reader(resp))
+    except ProtocolError as exc:
+        raise AgentProtocolError(str(exc)) from None
+
+
+def _collect(path: bytes, frames: Iterator[Frame], filename: object) -> RemoteListing:
+    """One listing's frames, checked: the directory asked for, valid names, no frontier."""
     entries: list[Entry] = []
     error: Optional[OSError] = None
     seen_dir = False
     skipped = False
     stat = None
+    names: set[bytes] = set()
     for frame in frames:
         if isinstance(frame, EntriesFrame):
+            if not seen_dir:
+                raise AgentProtocolError("entries before the directory")
+            problem = check_names(frame.entries, names)
+            if problem:
+                raise AgentProtocolError(f"{problem} (listing of {path!r})")
             entries.extend(frame.entries)
         elif isinstance(frame, DirFrame):
             if seen_dir:
                 raise AgentProtocolError("several directories in a single listing")
+            if frame.path != path:
+                raise AgentProtocolError(f"asked for {path!r}, the agent listed {frame.path!r}")
             seen_dir = True
             stat = frame.stat
         elif isinstance(frame, ErrorFrame):
@@ -397,6 +424,8 @@ def _collect(path: bytes, frames, filename: object) -> RemoteListing:
                 return RemoteListing(path, [], None, None, skipped=True)
             if not seen_dir:
                 raise AgentProtocolError("listing without a directory")
+            if frame.frontier:
+                raise AgentProtocolError(f"a frontier in the listing of {path!r}")
             return RemoteListing(path, [] if error else entries, error, stat)
     raise AgentProtocolError("listing ended before its end frame")
 
@@ -404,6 +433,8 @@ def _collect(path: bytes, frames, filename: object) -> RemoteListing:
 def fsencode_path(path: object) -> bytes:
     """The bytes of a remote path given as str, bytes or path-like; must be absolute."""
     raw = os.fsencode(path)  # type: ignore[arg-type]
+    if b"\0" in raw:
+        raise ValueError("embedded null byte")  # as os.listdir says it
     if not raw.startswith(b"/"):
         raise ValueError(f"remote path must be absolute: {path!r}")
     return raw

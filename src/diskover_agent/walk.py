@@ -91,6 +91,7 @@ class _Hosts:
         self.dirs = [0] * len(addresses)
         self.last_ok = time.monotonic()
         self.last_error: Optional[str] = None
+        self.last_invalid = False  # whether the last failure was an invalid answer
 
     def pick(self, cap: Optional[int] = None) -> tuple[int, float]:
         """A host's index, taken (release it with :meth:`release`); or (-1, seconds to
@@ -128,6 +129,7 @@ class _Hosts:
             self._down_until[idx] = time.monotonic() + (retry_after if retry_after is not None else delay)
             if error is not None:
                 self.last_error = f"{self.addresses[idx].label}: {error}"
+                self.last_invalid = isinstance(error, AgentProtocolError)
 
     def succeeded(self, idx: int, dirs: int) -> None:
         with self._lock:
@@ -430,13 +432,20 @@ class Walker:
             if time.monotonic() - self.hosts.last_ok >= self.retry_for:
                 with self._cond:
                     if not self._stopping:
-                        self._deliver(AgentConnectionError(
-                            f"no agent answered for {self.retry_for:g} s; last error: {self.hosts.last_error}"))
+                        self._deliver(self._no_answer())
                     self._stopping = True
                     self._cond.notify_all()
                 return None
             with self._host_free:
                 self._host_free.wait(min(max(wait, 0.01), 0.5))
+
+    def _no_answer(self) -> Exception:
+        """The error that ends a walk no agent answered for ``retry_for`` seconds."""
+        if self.hosts.last_invalid:
+            return AgentProtocolError(
+                f"no agent gave a valid answer for {self.retry_for:g} s; last: {self.hosts.last_error}")
+        return AgentConnectionError(
+            f"no agent answered for {self.retry_for:g} s; last error: {self.hosts.last_error}")
 
     def _serve(self, idx: int, conn: AgentHTTP, batch: list[bytes], subtree: bool) -> None:
         """Run one request for ``batch``; whatever it does not complete goes back on the queue."""

@@ -28,7 +28,12 @@ CONTROL_PREFIX = b"_agent"
 
 
 class BadPath(ValueError):
-    """A request path that is not a valid absolute remote path."""
+    """A request path that is not a valid absolute remote path; ``errno`` says which
+    ``OSError`` the client raises for it (``EACCES`` for ``..``, else ``EINVAL``...)."""
+
+    def __init__(self, message: str, num: int = errno.EINVAL) -> None:
+        super().__init__(message)
+        self.errno = num
 
 
 class IsSymlink(OSError):
@@ -50,7 +55,7 @@ def split_path(path: bytes) -> tuple[bytes, ...]:
         raise BadPath("path contains a NUL byte")
     parts = tuple(p for p in path.split(b"/") if p and p != b".")
     if b".." in parts:
-        raise BadPath("path contains a '..' component")
+        raise BadPath("path contains a '..' component", errno.EACCES)
     return parts
 
 

@@ -416,9 +416,12 @@ class Agent:
                                   headers={"Connection": "close"})
         try:
             path, params = parse_target(request.raw_path)
-            parts = split_path(path)
-        except (BadRequest, BadPath) as exc:
+        except BadRequest as exc:
             return self.authorized(request) or error_response(400, "bad_request", str(exc))
+        try:
+            parts = split_path(path)
+        except BadPath as exc:  # about the path: the client raises the OSError ``errno`` names
+            return self.authorized(request) or error_response(400, "bad_path", str(exc), num=exc.errno, path=path)
         if parts == (CONTROL_PREFIX, b"health"):
             record.endpoint = "health"
             return self._health(request)

@@ -74,7 +74,8 @@ def validate(req: WalkRequest) -> Optional[str]:
         try:
             split_path(path)
         except BadPath as exc:
-            return f"{os.fsdecode(path[:200])!r}: {exc}"
+            if exc.errno != errno.EACCES:  # a '..' is refused in the answer, for that path alone
+                return f"{os.fsdecode(path[:200])!r}: {exc}"
     return Filter.check(req.exclude_dirs) or Filter.check(req.exclude_files)
 
 
@@ -230,6 +231,9 @@ class SubtreeWalk:
                 fd = self.exports.open_remote(path, follow_last=not self.req.nofollow)
             except IsSymlink:
                 yield self._encode(("skip", path))
+                continue
+            except BadPath as exc:  # a '..' (validate let it through): refused in-band, for that path alone
+                yield from self._unlistable(path, OSError(exc.errno, str(exc)))
                 continue
             except OSError as exc:
                 yield from self._unlistable(path, exc)
