@@ -42,6 +42,9 @@ class PartSpec:
     max_entries: int
     threads: int
     options: dict[str, Any]
+    #: Whether ``roots`` is the walk's top, opened following a symlink as ``os.walk(top)``
+    #: opens it; every later root was found by the walk and is not walked if it is a symlink now.
+    top: bool = False
 
 
 @dataclass
@@ -76,8 +79,8 @@ class WalkSummary:
 def walk_part(spec: PartSpec) -> PartResult:
     """Run one task (on a Dask worker): walk, write the partition, return the frontier."""
     start = time.monotonic()
-    walker = Walker(spec.roots[0], spec.hosts, roots=spec.roots, port=spec.port, workers=spec.threads,
-                    stat=True, max_entries=spec.max_entries, **spec.options)
+    walker = Walker(spec.roots[0], spec.hosts, roots=spec.roots, follow_top=spec.top, port=spec.port,
+                    workers=spec.threads, stat=True, max_entries=spec.max_entries, **spec.options)
     rows = Rows()
     for d in walker.dirs():
         if d.error is not None:
@@ -131,14 +134,14 @@ def dask_walk(
     start = time.monotonic()
     budget = min(FIRST_PART_ENTRIES, part_entries)
 
-    def submit(roots: list[bytes]) -> Any:
+    def submit(roots: list[bytes], top: bool = False) -> Any:
         spec = PartSpec(f"{PART_PREFIX}{summary.tasks:06d}", roots, host_list, port, output, fmt,
-                        budget, threads, options)
+                        budget, threads, options, top)
         summary.tasks += 1
         return client.submit(walk_part, spec, key=f"diskover-walk-{run}-{summary.tasks}", retries=retries,
                              pure=False)
 
-    pending = as_completed([submit([raw_top])])
+    pending = as_completed([submit([raw_top], top=True)])
     for future in pending:
         result: PartResult = future.result()
         summary.files.append(result.file)

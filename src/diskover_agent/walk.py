@@ -196,9 +196,9 @@ class Walker:
         #: Paths opened following a symlink in their last component, as ``os.walk`` opens
         #: its top (and, with ``followlinks``, the links it descends into); every other
         #: path is a directory the walk found, which is not walked if it is a symlink now.
-        #: ``follow_top`` defaults to whether ``roots`` are the top alone.
+        #: ``follow_top`` defaults to whether ``roots`` are left out (the walk starts at the top).
         if follow_top is None:
-            follow_top = roots is None or list(roots) == [self.top]
+            follow_top = roots is None
         self._follow: set[bytes] = {self.top} if follow_top else set()
         self._cond = threading.Condition()
         #: Workers waiting for a host (all set aside, or all at their request cap) wait here.
