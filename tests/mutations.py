@@ -92,8 +92,8 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_agent_http.py::test_info_names_features_and_exports",)),
     Mutation(
         "agent-walk-413", "a walk body over 1 MiB gets 400 instead of 413", "diskover_storage_agent/server.py",
-        'return error_response(413, "too_large", "walk request body too large")',
-        'return error_response(400, "bad_request", "walk request body too large")',
+        'error_response(413, "too_large", "walk request body too large"',
+        'error_response(400, "bad_request", "walk request body too large"',
         ("tests/test_hostile.py::test_walk_body_over_1MiB_is_413",)),
     Mutation(
         "agent-sigterm-grace", "answers in flight get 5 s after SIGTERM, not 30", "diskover_storage_agent/config.py",
