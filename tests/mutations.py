@@ -65,7 +65,7 @@ MUTATIONS: list[Mutation] = [
          "tests/test_hostile.py::test_full_wait_line_answers_503_with_retry_after")),
     Mutation(
         "agent-frontier-roots", "the walk's end frontier omits requested roots it did not reach",
-        "diskover_storage_agent/subtree.py", "        frontier.extend(reversed(roots))\n", "",
+        "diskover_storage_agent/subtree.py", "        yield from frontier.push(reversed(roots))\n", "",
         ("tests/test_agent_http.py::test_walk_frontier_keeps_every_requested_path[1]",
          "tests/test_agent_http.py::test_walk_frontier_keeps_every_requested_path[7]")),
     Mutation(
