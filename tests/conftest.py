@@ -104,6 +104,17 @@ def agent_starter() -> Iterator:
 start_agent = pytest.fixture(agent_starter, name="start_agent")
 
 
+def wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
+    """Poll ``predicate`` until it returns a true value (returned), failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
 def http_get(port: int, target: str, *, method: str = "GET", headers: dict | None = None,
              body: bytes | None = None, context=None, timeout: float = 10.0):
     """One request on a new connection to 127.0.0.1:``port`` (HTTPS with an ``ssl``

@@ -32,7 +32,7 @@ from diskover_agent import parallel_walk
 from diskover_agent.protocol import STAT_FIELDS, DirFrame, EndFrame, EntriesFrame, ErrorFrame, read_frames
 from diskover_agent.protocol import VERSION as PROTOCOL_VERSION
 
-from conftest import HAVE_SETPRIV, IS_ROOT, REMOTE, as_bytes_rows, reference_walk
+from conftest import HAVE_SETPRIV, IS_ROOT, REMOTE, as_bytes_rows, reference_walk, wait_for
 
 # -- helpers -----------------------------------------------------------------------------
 
@@ -170,16 +170,6 @@ def vm_hwm_kb(pid: int) -> int:
                 return int(line.split()[1])
     raise AssertionError("no VmHWM")
 
-
-def wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def settle_atimes(top: Path) -> None:

@@ -21,9 +21,10 @@ import pytest
 from aiohttp import web
 
 from diskover_agent import AgentConnection, parallel_walk
+from diskover_agent.backoff import BACKOFF_FIRST, BACKOFF_MAX
 from diskover_agent.errors import AgentConnectionError, AgentProtocolError
 from diskover_agent.protocol import WalkRequest
-from diskover_agent.walk import _BACKOFF_FIRST, _BACKOFF_MAX, FIRST_BUDGET, MAX_BUDGET, SUBTREE_PER_HOST, _Hosts
+from diskover_agent.walk import FIRST_BUDGET, MAX_BUDGET, SUBTREE_PER_HOST, _Hosts
 
 from conftest import REMOTE, FrontServer, as_bytes_rows, reference_walk, slowfs_mounted
 
@@ -227,7 +228,7 @@ def http_listing(port: int, path: str) -> int:
 
 def test_backoff_doubles_from_0_2_to_5_seconds_and_resets():
     hosts = _Hosts([AgentConnection(["127.0.0.1:1"])._addresses[0]])
-    assert (_BACKOFF_FIRST, _BACKOFF_MAX) == (0.2, 5.0)
+    assert (BACKOFF_FIRST, BACKOFF_MAX) == (0.2, 5.0)
     for failures in range(1, 10):
         before = time.monotonic()
         hosts.failed(0)

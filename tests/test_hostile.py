@@ -23,7 +23,7 @@ import pytest
 
 from diskover_agent.protocol import STAT_FIELDS
 
-from conftest import REMOTE, Agent, http_get
+from conftest import REMOTE, Agent, http_get, wait_for
 
 # -- helpers -------------------------------------------------------------------------------
 
@@ -38,16 +38,6 @@ def text_listing(local: Path) -> bytes:
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
-
-def wait_for(predicate, timeout: float, what: str):
-    """Poll ``predicate`` until it returns a true value, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 get = http_get

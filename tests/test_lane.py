@@ -10,7 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from diskover_storage_agent.server import Lane
+from diskover_storage_agent.admission import Lane
 
 
 class Reads:

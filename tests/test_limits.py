@@ -28,7 +28,7 @@ from diskover_agent import parallel_walk
 from diskover_storage_agent.cli import build_parser
 from diskover_storage_agent.config import AgentConfig, make_export
 
-from conftest import REMOTE, Agent, as_bytes_rows, http_get, reference_walk
+from conftest import REMOTE, Agent, as_bytes_rows, http_get, reference_walk, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The timeouts of the test agents (seconds): short, so that the tests are fast.
@@ -46,15 +46,6 @@ def fd_count(pid: int) -> int:
 def rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def closed_by_peer(sock: socket.socket, timeout: float = BOUND) -> bool:

@@ -14,29 +14,17 @@ from aiohttp import web
 
 from diskover_agent import AgentConnection, parallel_walk
 from diskover_agent.protocol import PROTOCOL_HEADER
+from test_symlink_swap import make_tree, under
 
 from conftest import REMOTE, FrontServer, as_bytes_rows, http_get, reference_walk
 
 RB = REMOTE.encode()
 
 
-def make_tree(top: Path) -> None:
-    (top / "x" / "a").mkdir(parents=True)
-    (top / "x" / "a" / "f").write_bytes(b"f")
-    (top / "x" / "b").mkdir()
-    (top / "y" / "c").mkdir(parents=True)
-    (top / "y" / "c" / "g").write_bytes(b"g")
-    (top / "z").write_bytes(b"z")
-
-
 def swap(top: Path, aside: Path) -> None:
     """``x`` (a directory) becomes a symlink to ``y``."""
     os.rename(top / "x", aside)
     os.symlink("y", top / "x")
-
-
-def under(path: bytes, top: bytes) -> bool:
-    return path == top or path.startswith(top + b"/")
 
 
 def local_walk_with_swap(top: Path, aside: Path, followlinks: bool) -> list[tuple[bytes, list, list]]:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Optional, Union
 
+from .backoff import Backoff
 from .connection import parse_hosts
 from .errors import AgentBusyError, AgentConnectionError, AgentProtocolError
 from .protocol import (
@@ -64,8 +65,6 @@ SUBTREE_PER_HOST = 4
 #: bodies up to 1 MiB; exclusion patterns take at most half of it).
 MAX_BATCH = 64
 MAX_BATCH_BYTES = 256 * 1024
-_BACKOFF_FIRST = 0.2
-_BACKOFF_MAX = 5.0
 MODES = ("auto", "subtree", "listdir")
 
 
@@ -81,8 +80,7 @@ class _Hosts:
         self.addresses = addresses
         self._lock = threading.Lock()
         self._turn = 0
-        self._down_until = [0.0] * len(addresses)
-        self._failures = [0] * len(addresses)
+        self._backoff = Backoff(len(addresses))
         self.inflight = [0] * len(addresses)
         self.subtree = [True] * len(addresses)
         #: Agents that refused the walk request's newer fields: asked without them.
@@ -102,7 +100,7 @@ class _Hosts:
             best = -1
             for i in range(n):
                 idx = (self._turn + i) % n
-                if self._down_until[idx] > now:
+                if self._backoff.down_until[idx] > now:
                     continue
                 if cap is not None and self.subtree[idx] and self.inflight[idx] >= cap:
                     continue
@@ -112,11 +110,11 @@ class _Hosts:
                 self._turn = best + 1
                 self.inflight[best] += 1
                 return best, 0.0
-            down = [t - now for t in self._down_until if t > now]
+            down = [t - now for t in self._backoff.down_until if t > now]
             return -1, min(down) if len(down) == n else 0.05
 
     def usable(self, idx: int) -> bool:
-        return self._down_until[idx] <= time.monotonic()
+        return self._backoff.down_until[idx] <= time.monotonic()
 
     def release(self, idx: int) -> None:
         with self._lock:
@@ -124,16 +122,14 @@ class _Hosts:
 
     def failed(self, idx: int, retry_after: Optional[float] = None, error: Optional[BaseException] = None) -> None:
         with self._lock:
-            self._failures[idx] += 1
-            delay = min(_BACKOFF_FIRST * 2 ** (self._failures[idx] - 1), _BACKOFF_MAX)
-            self._down_until[idx] = time.monotonic() + (retry_after if retry_after is not None else delay)
+            self._backoff.set_aside(idx, time.monotonic(), retry_after)
             if error is not None:
                 self.last_error = f"{self.addresses[idx].label}: {error}"
                 self.last_invalid = isinstance(error, AgentProtocolError)
 
     def succeeded(self, idx: int, dirs: int) -> None:
         with self._lock:
-            self._failures[idx] = 0
+            self._backoff.reset(idx)
             self.requests[idx] += 1
             self.dirs[idx] += dirs
             self.last_ok = time.monotonic()
