@@ -321,13 +321,26 @@ def awkward_tree(tmp_path: Path) -> Iterator[Path]:
 
 # -- a slow file system -----------------------------------------------------------------
 
+def fuse_problem() -> str | None:
+    """Why the slow file system cannot run here (naming what to install), or None."""
+    try:
+        import fuse  # noqa: F401  (fusepy raises OSError, not ImportError, without libfuse2)
+    except ImportError:
+        return "needs fusepy (pip install fusepy, in the test extra)"
+    except OSError as exc:
+        return f"needs libfuse2 (apt-get install libfuse2): {exc}"
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount") is None:
+        return "needs /dev/fuse and fusermount (apt-get install fuse)"
+    return None
+
+
 @contextmanager
 def slowfs_mounted(mnt: Path, **env: str) -> Iterator[None]:
     """``tests/slowfs.py`` (FUSE) mounted at ``mnt`` with ``env`` (``SLOW``, ``SLOWFS_LOG``,
     ``SLOWFS_GATE``); the test is skipped where FUSE cannot mount."""
-    pytest.importorskip("fuse", reason="fusepy is needed for the slow file system")
-    if not os.path.exists("/dev/fuse") or shutil.which("fusermount") is None:
-        pytest.skip("FUSE is not available here")
+    problem = fuse_problem()
+    if problem:
+        pytest.skip(problem)
     proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("slowfs.py")), str(mnt)],
                             env={**os.environ, **env}, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 10

@@ -742,6 +742,7 @@ def _have_ipv6_loopback() -> bool:
 
 
 @pytest.mark.skipif(not _have_ipv6_loopback(), reason="no IPv6 loopback")
+@pytest.mark.skipif(not os.path.exists("/usr/bin/curl"), reason="needs curl (apt-get install curl)")
 def test_ipv6_loopback(awkward_tree, start_agent):
     agent = start_agent([(REMOTE, str(awkward_tree))], listen="::1")
     assert agent.url.startswith("http://[::1]:")

@@ -4,6 +4,7 @@ test's ports and paths. See ../shared/seed/diskover-storage-agent-README.md."""
 from __future__ import annotations
 
 import inspect
+import os
 import socket
 import subprocess
 import time
@@ -54,6 +55,7 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+@pytest.mark.skipif(not os.path.exists("/usr/bin/curl"), reason="needs curl (apt-get install curl)")
 def test_curl_output_like_the_original(seed_tree, start_agent):
     agent = start_agent([(REMOTE, str(seed_tree))])
     out = subprocess.run(["/usr/bin/curl", "-sS", "--max-time", "20", f"http://127.0.0.1:{agent.port}{SOMEDIR}"],

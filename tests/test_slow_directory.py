@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,11 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REMOTE, slowfs_mounted
+from conftest import REMOTE, fuse_problem, slowfs_mounted
 
-pytest.importorskip("fuse", reason="fusepy is needed for the slow file system")
-if not os.path.exists("/dev/fuse") or shutil.which("fusermount") is None:
-    pytest.skip("FUSE is not available here", allow_module_level=True)
+if fuse_problem():
+    pytest.skip(fuse_problem(), allow_module_level=True)
 
 SLOW = 2.0
 
