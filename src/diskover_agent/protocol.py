@@ -9,6 +9,12 @@ each frame is one JSON array on its own line. The first element names the frame:
     own stat record when stat was asked for (else ``null``).
 ``["entries", [[name, kind, target, stat, target_stat], ...]]``
     Entries of the current directory (several frames for a big directory).
+``["names", names, kinds, targets]``
+    The same for a walk without stat that asks for it (``names_frames``), in bulk:
+    ``names`` is the entries' names joined by NUL bytes, ``kinds`` one ``KIND_*``
+    letter per name, ``targets`` one letter per symlink among them (in order): the
+    kind it points to, or ``-`` when it dangles or loops. Entries of one directory
+    come in ``entries`` frames or in ``names`` frames, never both.
 ``["error", errno, code, message]``
     The current directory could not be listed (entries sent for it are void).
 ``["frontier", [path, ...]]``
@@ -129,7 +135,7 @@ def _json_name(name: bytes) -> Union[str, dict]:
 
 
 def encode_frame(frame: Sequence[Any], fmt: str) -> bytes:
-    """Encode one frame (``dir``/``entries``/``error``/``end``) for ``fmt``."""
+    """Encode one frame (a tuple: tag, then its fields) for ``fmt``."""
     if fmt == "msgpack":
         body = _msgpack_encode(frame)
         return _pack_len(len(body)) + body
@@ -140,8 +146,8 @@ def encode_frame(frame: Sequence[Any], fmt: str) -> bytes:
         frame = ("entries", [(_json_name(e[0]), *e[1:]) for e in frame[1]])
     elif tag in ("end", "frontier"):
         frame = (tag, [_json_name(p) for p in frame[1]])
-    elif tag == "skip":
-        frame = ("skip", _json_name(frame[1]))
+    elif tag in ("skip", "names"):
+        frame = (tag, _json_name(frame[1]), *frame[2:])
     return _json_encode(frame) + b"\n"
 
 
@@ -177,6 +183,14 @@ class EntriesFrame(msgspec.Struct, tag="entries", array_like=True):
     entries: list[Entry]
 
 
+class NamesFrame(msgspec.Struct, tag="names", array_like=True):
+    """Entries without stat, in bulk (see the module docstring)."""
+
+    names: bytes
+    kinds: str
+    targets: str
+
+
 class ErrorFrame(msgspec.Struct, tag="error", array_like=True):
     errno: int
     code: str
@@ -195,7 +209,7 @@ class SkipFrame(msgspec.Struct, tag="skip", array_like=True):
     path: bytes
 
 
-Frame = Union[DirFrame, EntriesFrame, ErrorFrame, EndFrame, FrontierFrame, SkipFrame]
+Frame = Union[DirFrame, EntriesFrame, NamesFrame, ErrorFrame, EndFrame, FrontierFrame, SkipFrame]
 _frame_decoder = msgspec.msgpack.Decoder(Frame)
 
 
@@ -267,8 +281,9 @@ class WalkRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     frontier as it finds it, in bounded frames. ``nofollow``: the paths were found by
     the walk; the last component of each is opened without following a symlink, and
     one that is a symlink now is answered with a ``skip`` frame (``os.walk`` does not
-    descend into a symlink it finds at descent time). Both default to off, as older
-    clients send them.
+    descend into a symlink it finds at descent time). ``names_frames``: without stat,
+    entries come in ``names`` frames. All three default to off, as older clients send
+    them (and older agents refuse a field they do not know: a 400).
     """
 
     paths: list[bytes]
@@ -280,6 +295,7 @@ class WalkRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     one_fs: bool = False
     frontier_frames: bool = False
     nofollow: bool = False
+    names_frames: bool = False
 
 
 class _B64(msgspec.Struct, forbid_unknown_fields=True):
@@ -296,6 +312,7 @@ class _JSONWalkRequest(msgspec.Struct, forbid_unknown_fields=True):
     one_fs: bool = False
     frontier_frames: bool = False
     nofollow: bool = False
+    names_frames: bool = False
 
 
 def _json_bytes(items: list[Union[str, _B64]]) -> list[bytes]:
@@ -308,7 +325,7 @@ def decode_json_walk_request(body: bytes) -> WalkRequest:
     return WalkRequest(
         _json_bytes(req.paths), req.stat, req.max_entries, req.max_seconds,
         _json_bytes(req.exclude_dirs), _json_bytes(req.exclude_files), req.one_fs,
-        req.frontier_frames, req.nofollow,
+        req.frontier_frames, req.nofollow, req.names_frames,
     )
 
 

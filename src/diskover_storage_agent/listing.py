@@ -128,6 +128,41 @@ def read_entries(
     return out
 
 
+def read_names(
+    it: Iterator[os.DirEntry], dir_fd: int, limit: int, subdirs: list[bytes],
+) -> tuple[int, bytes, str, str]:
+    """Up to ``limit`` entries without stat, as the fields of a ``names`` frame:
+    ``(count, names, kinds, targets)`` (see the protocol module). The names of real
+    directories are appended to ``subdirs``. Names are encoded in one call per chunk."""
+    names: list[str] = []
+    kinds: list[str] = []
+    targets: list[str] = []
+    add_name = names.append
+    add_kind = kinds.append
+    for entry in islice(it, limit):
+        name = entry.name
+        add_name(name)
+        if entry.is_dir(follow_symlinks=False):
+            add_kind(KIND_DIR)
+            subdirs.append(_encode(name, _FS_ENCODING, _FS_ERRORS))
+        elif entry.is_file(follow_symlinks=False):
+            add_kind(KIND_FILE)
+        else:
+            kind = entry_kind(entry, dir_fd)
+            add_kind(kind)
+            if kind == KIND_SYMLINK:
+                tst = target_stat(name, dir_fd)
+                targets.append("-" if tst is None else kind_of_mode(tst.st_mode))
+    blob = _encode("\0".join(names), _FS_ENCODING, _FS_ERRORS)
+    return len(names), blob, "".join(kinds), "".join(targets)
+
+
+def names_fields(entries: list[tuple]) -> tuple[bytes, str, str]:
+    """The fields of a ``names`` frame holding wire entries (without stat)."""
+    return (b"\0".join([e[0] for e in entries]), "".join([e[1] for e in entries]),
+            "".join([e[2] or "-" for e in entries if e[1] == KIND_SYMLINK]))
+
+
 def dir_stat(fd: int, want_stat: bool) -> Optional[tuple]:
     """The stat record of an open directory, when asked for."""
     return stat_fields(os.fstat(fd)) if want_stat else None

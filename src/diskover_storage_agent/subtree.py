@@ -38,7 +38,7 @@ from diskover_agent.protocol import (
 
 from .exports import BadPath, ExportTable, IsSymlink, split_path
 from .filters import Filter
-from .listing import CHUNK, dir_stat, read_entries
+from .listing import CHUNK, dir_stat, names_fields, read_entries, read_names
 
 _OPEN_CHILD = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Bytes of encoded frames gathered before a chunk goes out.
@@ -281,6 +281,7 @@ class SubtreeWalk:
         filter = self._filter
         frontier = self._frontier
         descend = len(self._stack) + 1 < MAX_DEPTH
+        names = self.req.names_frames and not self.req.stat
         stat_inside = self.exports.stat_inside
 
         def inside(name: bytes) -> Optional[os.stat_result]:
@@ -292,17 +293,23 @@ class SubtreeWalk:
             with os.scandir(fd) as it:
                 while True:
                     found: list[bytes] = []
-                    if filter is None:
-                        entries = read_entries(it, fd, self.req.stat, CHUNK, found, inside)
-                        read = len(entries)
+                    if names and filter is None:
+                        read, blob, kinds, targets = read_names(it, fd, CHUNK, found)
+                        self.entries += read
+                        if read:
+                            yield self._encode(("names", blob, kinds, targets))
                     else:
-                        entries = read_entries(it, fd, self.req.stat, CHUNK, None, inside)
-                        read = len(entries)
-                        entries = filter.apply(entries, path, fd)
-                        found = [e[0] for e in entries if e[1] == KIND_DIR]
-                    self.entries += len(entries)
-                    if entries:
-                        yield self._encode(("entries", entries))
+                        if filter is None:
+                            entries = read_entries(it, fd, self.req.stat, CHUNK, found, inside)
+                            read = len(entries)
+                        else:
+                            entries = read_entries(it, fd, self.req.stat, CHUNK, None, inside)
+                            read = len(entries)
+                            entries = filter.apply(entries, path, fd)
+                            found = [e[0] for e in entries if e[1] == KIND_DIR]
+                        self.entries += len(entries)
+                        if entries:
+                            yield self._encode(("names", *names_fields(entries)) if names else ("entries", entries))
                     room = DESCENT_BYTES - self._kept - kept if descend else 0
                     overflow: list[bytes] = []
                     for name in found:
