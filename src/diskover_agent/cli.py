@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any, Optional
 
 import msgspec
+import msgspec.structs
 from tqdm import tqdm
 
 from . import __version__
@@ -123,15 +124,9 @@ def _join(parent: bytes, name: bytes) -> bytes:
     return parent + name if parent.endswith(b"/") else parent + b"/" + name
 
 
-def _seconds(ns: int) -> float:
-    """Nanoseconds as ``os.stat_result`` gives them in float seconds (the same rounding)."""
-    s, rest = divmod(ns, 1_000_000_000)
-    return s + rest * 1e-9
-
-
 # -- walk records ---------------------------------------------------------------------------
 
-class Record(msgspec.Struct):
+class Record(msgspec.Struct, gc=False):
     """One entry of ``walk`` output; the field order is :data:`FIELDS`."""
 
     path: str
@@ -161,31 +156,56 @@ assert Record.__struct_fields__ == FIELDS
 _NO_STAT = (None,) * 15
 
 
-def record_row(parent: bytes, parent_text: Optional[str], entry: Entry) -> tuple:
-    """The :data:`FIELDS` of one entry of directory ``parent``. ``parent_text`` is ``parent``
-    decoded as UTF-8, or None when it is not valid UTF-8."""
-    name: Optional[str] = None
-    if parent_text is not None:
+def _texts(parent: bytes, entries: Sequence[Entry]) -> tuple[list[str], list[Optional[str]], list[str]]:
+    """``(paths, path_b64s, names)`` of ``entries`` of directory ``parent`` as :data:`FIELDS`
+    has them: UTF-8 text (U+FFFD for bytes that are not), and the exact path in base64 when
+    it is not UTF-8. Names hold no ``/`` (the wire's rule), so one decode of them all, joined
+    by ``/``, does for the directory; a directory with a name that is not UTF-8 (or a parent
+    that is not) is decoded name by name."""
+    try:
+        prefix = (parent if parent.endswith(b"/") else parent + b"/").decode("utf-8")
+        names = b"/".join([e.name for e in entries]).decode("utf-8").split("/")
+        if len(names) == len(entries):
+            return [prefix + n for n in names], [None] * len(names), names
+    except UnicodeDecodeError:
+        pass
+    paths: list[str] = []
+    b64s: list[Optional[str]] = []
+    for e in entries:
+        raw = _join(parent, e.name)
         try:
-            name = entry.name.decode("utf-8")
+            paths.append(raw.decode("utf-8"))
+            b64s.append(None)
         except UnicodeDecodeError:
-            pass
-    if name is not None:
-        path = parent_text + name if parent_text.endswith("/") else f"{parent_text}/{name}"
-        b64 = None
-    else:
-        raw = _join(parent, entry.name)
-        name = entry.name.decode("utf-8", "replace")
-        path = raw.decode("utf-8", "replace")
-        b64 = base64.b64encode(raw).decode("ascii")
-    kind = entry.kind
-    target = TYPES.get(entry.target) if kind == KIND_SYMLINK and entry.target is not None else None
-    st = entry.stat
-    if st is None:
-        return (path, b64, name, TYPES.get(kind, "unknown"), target, *_NO_STAT)
-    mode, ino, dev, nlink, uid, gid, size, atime, mtime, ctime, blocks = st[:11]
-    return (path, b64, name, TYPES.get(kind, "unknown"), target, size, blocks * 512, blocks, mode, uid, gid,
-            ino, nlink, dev, _seconds(atime), _seconds(mtime), _seconds(ctime), atime, mtime, ctime)
+            paths.append(raw.decode("utf-8", "replace"))
+            b64s.append(base64.b64encode(raw).decode("ascii"))
+    return paths, b64s, [e.name.decode("utf-8", "replace") for e in entries]
+
+
+def records(parent: bytes, entries: Sequence[Entry]) -> list[Record]:
+    """The walk records of ``entries``, in their order, of directory ``parent``. Times in
+    seconds are ``os.stat_result``'s floats (whole seconds plus nanoseconds * 1e-9, the same
+    rounding); an entry without its stat (vanished, or in a directory that cannot be
+    searched) has every stat field null."""
+    if not entries:
+        return []
+    types = TYPES
+    out: list[Record] = []
+    append = out.append
+    for e, path, b64, name in zip(entries, *_texts(parent, entries), strict=True):
+        kind = e.kind
+        target = types.get(e.target) if kind == KIND_SYMLINK and e.target is not None else None
+        st = e.stat
+        if st is None:
+            append(Record(path, b64, name, types.get(kind, "unknown"), target, *_NO_STAT))
+            continue
+        mode, ino, dev, nlink, uid, gid, size, a, m, c, blocks = st[:11]
+        a_s = a // 1_000_000_000 + a % 1_000_000_000 * 1e-9
+        m_s = a_s if m == a else m // 1_000_000_000 + m % 1_000_000_000 * 1e-9
+        c_s = m_s if c == m else c // 1_000_000_000 + c % 1_000_000_000 * 1e-9
+        append(Record(path, b64, name, types.get(kind, "unknown"), target, size, blocks * 512, blocks, mode, uid,
+                      gid, ino, nlink, dev, a_s, m_s, c_s, a, m, c))
+    return out
 
 
 class RecordWriter:
@@ -202,13 +222,13 @@ class RecordWriter:
         else:
             self._encode_lines = msgspec.json.Encoder().encode_lines
 
-    def write(self, rows: list[tuple]) -> None:
+    def write(self, rows: list[Record]) -> None:
         if not rows:
             return
         if self._text is not None:
-            self._csv.writerows(rows)
+            self._csv.writerows(map(msgspec.structs.astuple, rows))
         else:
-            self.out.write(self._encode_lines([Record(*r) for r in rows]))
+            self.out.write(self._encode_lines(rows))
 
     def flush(self) -> None:
         if self._text is not None:
@@ -585,11 +605,7 @@ def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
                         crawl.prune(_join(path, e.name))
                 if depth + 1 > maxdepth:
                     continue
-            try:
-                text: Optional[str] = path.decode("utf-8")
-            except UnicodeDecodeError:
-                text = None
-            writer.write([record_row(path, text, e) for e in entries])
+            writer.write(records(path, entries))
         writer.flush()
 
     try:
