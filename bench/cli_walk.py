@@ -11,7 +11,9 @@
 One agent on 127.0.0.1 exports ``--workdir`` as /mnt/isilon (the tree must exist: run.py or
 tree.py build it). Each figure is the best of ``--runs`` after one warm-up run: wall seconds of
 the whole process (start-up and imports included), its CPU seconds (``os.wait4``: every thread,
-and the worker processes it reaped), the agent's CPU seconds (``/proc/PID/stat``). Every output
+and the worker processes it reaped), the agent's CPU seconds (``/proc/PID/stat``). The command runs with its bytecode
+cached (``PYTHONPYCACHEPREFIX`` in a scratch directory, written by the warm-up run), as an
+installed one does, whatever ``PYTHONDONTWRITEBYTECODE`` says. Every output
 is checked against ``lstat`` of every local entry (path bytes, mode, ino, dev, nlink, uid, gid,
 size, mtime_ns, ctime_ns): a difference is exit status 1.
 """
@@ -23,6 +25,7 @@ import base64
 import hashlib
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +35,7 @@ from typing import Optional
 import msgspec
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import REMOTE, Agent, proc_cpu  # noqa: E402
+from run import REMOTE, Agent, proc_cpu
 
 LOCAL_WALK = """
 import os, sys
@@ -45,11 +48,11 @@ print(n)
 """
 
 
-def timed(cmd: list[str], agent_pid: Optional[int] = None) -> tuple[float, float, float]:
+def timed(cmd: list[str], env: dict[str, str], agent_pid: Optional[int] = None) -> tuple[float, float, float]:
     """Run ``cmd`` to its end: (wall seconds, CPU seconds of it and its reaped children, agent CPU)."""
     agent0 = proc_cpu(agent_pid) if agent_pid else 0.0
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -118,6 +121,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     script = shutil.which("diskover-agent", path=os.path.dirname(sys.executable))
     scratch = tempfile.mkdtemp(prefix="cli-walk-")
     agent = Agent(os.path.abspath(args.workdir))
+    # As an installed command runs: with compiled bytecode (cached by the warm-up run, outside the tree).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(scratch, "pycache")
     failed = False
     try:
         want = None if args.no_check else local_digest(local_top, remote_top)
@@ -132,8 +138,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             runs = []
             for i in range(args.runs + 1):
                 out = os.path.join(scratch, f"out-{i}")
-                run_cmd = cmd + ["-o", out] if cmd is cli_base else cmd
-                runs.append(timed(run_cmd, agent_pid))
+                run_cmd = [*cmd, "-o", out] if cmd is cli_base else cmd
+                runs.append(timed(run_cmd, env, agent_pid))
                 if cmd is cli_base and want is not None and args.format != "csv":
                     got = output_digest(out, args.format)
                     if got != want:
@@ -143,15 +149,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                     shutil.rmtree(out)
                 elif os.path.exists(out):
                     os.unlink(out)
-            timed_runs = runs[1:]
-            best = min(timed_runs)
-            rows.append((label, best, sorted(r[1] for r in timed_runs), sorted(r[2] for r in timed_runs)))
+            rows.append((label, runs[1:]))
         entries = want[0] if want else 0
-        base = rows[0][1][0]
-        print(f"{args.tree}: {entries:,} entries, best of {args.runs} (CPU: min .. max of the runs)")
-        for label, (wall, cpu, agent_cpu), cpus, agents in rows:
-            print(f"  {label:<34} {wall:6.2f} s  x{base / wall:5.2f} local   CPU {cpus[0]:.2f}..{cpus[-1]:.2f} s"
-                  + (f"   agent CPU {agents[0]:.2f}..{agents[-1]:.2f} s" if agents[-1] else ""))
+        base = min(r[0] for r in rows[0][1])
+        print(f"{args.tree}: {entries:,} entries; wall: best and median of {args.runs}; CPU: median (min..max)")
+        for label, timed_runs in rows:
+            wall = sorted(r[0] for r in timed_runs)
+            cpu = sorted(r[1] for r in timed_runs)
+            agent_cpu = sorted(r[2] for r in timed_runs)
+            line = (f"  {label:<34} {wall[0]:6.2f} s (median {statistics.median(wall):.2f})  x{base / wall[0]:5.2f} "
+                    f"local  CPU {statistics.median(cpu):.2f} ({cpu[0]:.2f}..{cpu[-1]:.2f}) s")
+            if agent_cpu[-1]:
+                line += f"  agent CPU {statistics.median(agent_cpu):.2f} ({agent_cpu[0]:.2f}..{agent_cpu[-1]:.2f}) s"
+            print(line)
         print("  outputs " + ("DIFFER from lstat" if failed else "exact (every run = lstat of every entry)"
                               if want else "not checked"))
     finally:

@@ -27,13 +27,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any, Optional
+from typing import IO, TYPE_CHECKING, Any, Optional
 
 import msgspec
 import msgspec.structs
-from tqdm import tqdm
 
-from . import __version__
 from .connection import AgentConnection, parse_hosts
 from .entry import AgentDirEntry, make_stat
 from .errors import AgentConnectionError, AgentError, AgentHTTPError
@@ -49,6 +47,9 @@ from .transport import (
     token_problem,
 )
 from .walk import DEFAULT_RETRY_FOR, Walker
+
+if TYPE_CHECKING:  # tqdm is imported when a progress display is shown (it costs start-up time)
+    from tqdm import tqdm
 
 PROG = "diskover-agent"
 HOSTS_ENV = "DISKOVER_AGENT_HOSTS"
@@ -408,6 +409,8 @@ class Progress:
     ACTIVE_FOR = 2.0  # a host is "in use" when it answered within this many seconds
 
     def __init__(self, ctx: Context, crawl: Crawl) -> None:
+        from tqdm import tqdm
+
         self.ctx = ctx
         self.crawl = crawl
         self.bar = tqdm(total=None, unit=" dirs", unit_scale=True, file=sys.stderr, leave=False, mininterval=0,
@@ -449,7 +452,7 @@ class Progress:
         self._last_entries, self._last_time = entries, now
         used, hosts = self._hosts_in_use(now)
         self.bar.set_postfix_str(
-            f"{tqdm.format_sizeof(entries)} entries ({tqdm.format_sizeof(self._entry_rate or 0)}/s), "
+            f"{self.bar.format_sizeof(entries)} entries ({self.bar.format_sizeof(self._entry_rate or 0)}/s), "
             f"{size_text(c.bytes)} in files, hosts {used}/{hosts}, "
             f"{_count_of(c.errors, 'error', 'errors')}", refresh=False)
         delta = c.dirs - self.bar.n
@@ -642,6 +645,8 @@ def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
         raise UsageError(f"cannot reach the Dask scheduler {args.dask}: {exc}") from None
     bar = None
     if _show_progress(ctx):
+        from tqdm import tqdm
+
         bar = ctx.bar = tqdm(total=None, file=sys.stderr, unit=" entries", unit_scale=True, dynamic_ncols=True)
 
     def progress(summary: Any, result: Any) -> None:
@@ -807,6 +812,19 @@ def _seconds_arg(text: str) -> float:
     return v
 
 
+class _Version(argparse.Action):
+    """``--version``, looking the version up only when asked (the lookup costs start-up time)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from . import __version__
+
+        print(f"{PROG} {__version__}")
+        parser.exit()
+
+
 _PATH_HELP = "a remote path, as the agents export it (e.g. /mnt/isilon/projects)"
 
 
@@ -817,7 +835,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 complete; 1 some directories could not be listed (named on stderr); "
                "2 could not run (bad arguments, no agent reachable, refused); 130 interrupted.",
     )
-    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    p.add_argument("--version", action=_Version, help="show program's version number and exit")
     g = p.add_argument_group("agents")
     g.add_argument("--hosts", metavar="H1,H2,...",
                    help=f"agents as name, name:port or [v6addr]:port, comma-separated (default: ${HOSTS_ENV})")
