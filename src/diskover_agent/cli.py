@@ -593,7 +593,7 @@ def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
     to_stdout = args.output in (None, "-")
     ctx.check_reachable(top)
     try:
-        out: IO[bytes] = sys.stdout.buffer if to_stdout else open(args.output, "wb")
+        out: IO[bytes] = sys.stdout.buffer if to_stdout else open(args.output, "wb", buffering=1 << 20)
     except OSError as exc:
         raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
     writer = RecordWriter(out, args.format)
