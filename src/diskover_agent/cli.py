@@ -33,6 +33,7 @@ import msgspec
 import msgspec.structs
 
 from .connection import AgentConnection, parse_hosts
+from .dataset import DatasetWriter, prepare_output
 from .entry import AgentDirEntry, make_stat
 from .errors import AgentConnectionError, AgentError, AgentHTTPError
 from .protocol import KIND_DIR, KIND_FILE, KIND_NAMES, KIND_SYMLINK, Entry, Exclusions
@@ -223,6 +224,13 @@ class RecordWriter:
         else:
             self._encode_lines = msgspec.json.Encoder().encode_lines
 
+    def add_dir(self, path: bytes, entries: Sequence[Entry]) -> None:
+        """Write the records of a directory's entries."""
+        self.write(records(path, entries))
+
+    def add_error(self, path: bytes, error: OSError) -> None:
+        """A directory that could not be listed has no record (the walk names it on stderr)."""
+
     def write(self, rows: list[Record]) -> None:
         if not rows:
             return
@@ -337,9 +345,12 @@ def remote_path(text: str) -> bytes:
 class Crawl:
     """One stat walk through the agents: directories as they arrive, errors reported and counted."""
 
-    def __init__(self, ctx: Context, top: bytes, *, exclude: Sequence[str] = (), one_fs: bool = False) -> None:
+    def __init__(self, ctx: Context, top: bytes, *, exclude: Sequence[str] = (), one_fs: bool = False,
+                 on_error: Optional[Callable[[bytes, OSError], None]] = None) -> None:
         self.ctx = ctx
         self.top = top
+        #: Called with each directory that could not be listed (after the message on stderr).
+        self.on_error = on_error
         patterns = [os.fsencode(p) for p in exclude]
         self.walker = Walker(
             top, ctx.hosts, port=ctx.port, workers=ctx.workers, stat=True, retry_for=ctx.retry_for,
@@ -361,6 +372,8 @@ class Crawl:
                     self.errors += 1
                     err = d.error
                     self.ctx.warn(f"{shown(d.path)}: {err.strerror or err}")
+                    if self.on_error is not None:
+                        self.on_error(d.path, err)
                     continue
                 entries = sorted(d.entries, key=_by_name)
                 self.dirs += 1
@@ -586,18 +599,30 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
     if args.dask is not None:
         return cmd_walk_dask(args, ctx)
-    if args.format == "parquet":
-        raise UsageError("--format parquet writes a dataset: use it with --dask (e.g. --dask local:2) and -o DIR")
     top = remote_path(args.path)
     maxdepth: Optional[int] = args.maxdepth
     to_stdout = args.output in (None, "-")
+    if args.format == "parquet":
+        if to_stdout:
+            raise UsageError("--format parquet writes a dataset: give -o DIR")
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError as exc:
+            raise UsageError(f"--format parquet needs pyarrow (pip install 'diskover-storage-agent[dask]'): "
+                             f"{exc}") from None
     ctx.check_reachable(top)
-    try:
-        out: IO[bytes] = sys.stdout.buffer if to_stdout else open(args.output, "wb", buffering=1 << 20)
-    except OSError as exc:
-        raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
-    writer = RecordWriter(out, args.format)
-    crawl = Crawl(ctx, top, exclude=args.exclude, one_fs=args.one_file_system)
+    out: Optional[IO[bytes]] = None
+    sink: Any
+    if args.format == "parquet":
+        _prepare_dataset(args.output)
+        sink = DatasetWriter(args.output, os.fsdecode(top))
+    else:
+        try:
+            out = sys.stdout.buffer if to_stdout else open(args.output, "wb", buffering=1 << 20)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+        sink = RecordWriter(out, args.format)
+    crawl = Crawl(ctx, top, exclude=args.exclude, one_fs=args.one_file_system, on_error=sink.add_error)
 
     def body(crawl: Crawl) -> None:
         for path, entries in crawl:
@@ -608,16 +633,30 @@ def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
                         crawl.prune(_join(path, e.name))
                 if depth + 1 > maxdepth:
                     continue
-            writer.write(records(path, entries))
-        writer.flush()
+            sink.add_dir(path, entries)
 
     try:
         run_crawl(ctx, crawl, body, output_is_terminal=to_stdout and sys.stdout.isatty())
+        if isinstance(sink, DatasetWriter):
+            sink.close(crawl.seconds)
+        else:
+            sink.flush()
         return finish(ctx, crawl)
     finally:
-        writer.detach()
-        if not to_stdout:
+        if isinstance(sink, RecordWriter):
+            sink.detach()
+        if out is not None and not to_stdout:
             out.close()
+
+
+def _prepare_dataset(output: str) -> None:
+    """Create, or check, the directory of a walk's dataset: a usage error when it cannot be one."""
+    try:
+        prepare_output(output)
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
 
 
 def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
@@ -634,6 +673,7 @@ def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
         raise UsageError("--maxdepth is not available with --dask")
     top = remote_path(args.path)
     ctx.check_reachable(top)
+    _prepare_dataset(args.output)
     try:
         if args.dask.startswith("local:"):
             client = local_cluster(_positive(args.dask[6:]))
@@ -869,9 +909,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "type, target_type, size, allocated, blocks, mode, uid, gid, inode, nlink, "
                                       "dev, atime, mtime, ctime and their *_ns.")
     walk.add_argument("path", metavar="PATH", help=_PATH_HELP)
-    walk.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    walk.add_argument("-o", "--output", metavar="FILE",
+                      help="write to FILE instead of stdout (with --format parquet or --dask: the dataset directory)")
     walk.add_argument("--format", choices=("ndjson", "csv", "parquet"), default=None,
-                      help="ndjson (default), csv; with --dask: parquet (default) or ndjson partitions")
+                      help="ndjson (default), csv, or parquet: a dataset of Parquet partitions in -o DIR, as "
+                           "with --dask; with --dask: parquet (default) or ndjson partitions")
     walk.add_argument("--dask", metavar="SCHEDULER",
                       help="run the walk as Dask tasks on this scheduler (tcp://host:8786), or on a local "
                            "cluster of N worker processes (local:N); -o DIR receives the dataset")

@@ -27,6 +27,7 @@ error_message   string    ``name`` is empty
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
@@ -100,7 +101,10 @@ class WalkSummary:
 
 
 def prepare_output(output: str) -> None:
-    """Create the dataset directory ``output``, or check that it holds no partitions yet."""
+    """Create the dataset directory ``output``, or check that it holds no partitions yet
+    (``FileExistsError``); ``NotADirectoryError`` when it is something else."""
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), output)
     os.makedirs(output, exist_ok=True)
     if any(n.startswith(PART_PREFIX) for n in os.listdir(output)):
         raise FileExistsError(f"{output} already holds a walk's partitions; use an empty directory")
@@ -244,3 +248,44 @@ class Rows:
                 f.write(msgspec.json.Encoder().encode_lines(rows))
         os.replace(tmp, final)
         return name
+
+
+class DatasetWriter:
+    """A walk's dataset written by one process (``walk --format parquet`` without Dask):
+    directories as they come, cut into partitions of about ``part_entries`` rows in
+    ``output``, then the manifest. The layout, the schema and the partition writer are
+    those of the walk on Dask."""
+
+    def __init__(self, output: str, top: str, fmt: str = "parquet", part_entries: int = 200_000) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}")
+        prepare_output(output)
+        #: ``tasks`` stays 0: no Dask task ran.
+        self.summary = WalkSummary(top=top, output=output, format=fmt)
+        self.part_entries = part_entries
+        self._rows = Rows()
+
+    def add_dir(self, path: bytes, entries: Sequence[Entry]) -> None:
+        self._rows.add_dir(path, entries)
+        if len(self._rows) >= self.part_entries:
+            self._write()
+
+    def add_error(self, path: bytes, error: OSError) -> None:
+        self._rows.add_error(path, error)
+
+    def _write(self) -> None:
+        rows, s = self._rows, self.summary
+        s.files.append(rows.write(s.output, f"{PART_PREFIX}{len(s.files):06d}", s.format))
+        s.dirs += rows.dirs
+        s.entries += rows.entries
+        s.bytes += rows.bytes
+        s.errors += rows.errors
+        self._rows = Rows()
+
+    def close(self, seconds: float) -> WalkSummary:
+        """Write the last partition (a walk that found nothing has one, empty) and the manifest."""
+        if len(self._rows) or not self.summary.files:
+            self._write()
+        self.summary.seconds = seconds
+        write_manifest(self.summary)
+        return self.summary
