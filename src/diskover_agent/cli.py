@@ -20,6 +20,7 @@ import functools
 import grp
 import io
 import math
+import operator
 import os
 import pwd
 import stat
@@ -375,7 +376,7 @@ class Crawl:
                     if self.on_error is not None:
                         self.on_error(d.path, err)
                     continue
-                entries = sorted(d.entries, key=_by_name)
+                entries = sorted(d.entries, key=_BY_NAME)
                 self.dirs += 1
                 self.entries += len(entries)
                 self.bytes += sum(e.stat[6] for e in entries if e.kind == KIND_FILE and e.stat is not None)
@@ -411,8 +412,7 @@ def _count_of(n: int, one: str, many: str) -> str:
     return f"{n:,} {one if n == 1 else many}"
 
 
-def _by_name(entry: Entry) -> bytes:
-    return entry.name
+_BY_NAME = operator.attrgetter("name")
 
 
 class Progress:
