@@ -18,6 +18,7 @@ import base64
 import csv
 import functools
 import grp
+import importlib.util
 import io
 import math
 import operator
@@ -605,11 +606,8 @@ def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
     if args.format == "parquet":
         if to_stdout:
             raise UsageError("--format parquet writes a dataset: give -o DIR")
-        try:
-            import pyarrow.parquet  # noqa: F401
-        except ImportError as exc:
-            raise UsageError(f"--format parquet needs pyarrow (pip install 'diskover-storage-agent[dask]'): "
-                             f"{exc}") from None
+        if importlib.util.find_spec("pyarrow") is None:  # imported when the first partition is written
+            raise UsageError("--format parquet needs pyarrow (pip install 'diskover-storage-agent[dask]')")
     ctx.check_reachable(top)
     out: Optional[IO[bytes]] = None
     sink: Any
