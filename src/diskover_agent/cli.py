@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, TYPE_CHECKING, Any, Optional
+from typing import IO, TYPE_CHECKING, Any, Optional, Union
 
 import msgspec
 import msgspec.structs
@@ -610,7 +610,7 @@ def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
             raise UsageError("--format parquet needs pyarrow (pip install 'diskover-storage-agent[dask]')")
     ctx.check_reachable(top)
     out: Optional[IO[bytes]] = None
-    sink: Any
+    sink: Union[RecordWriter, DatasetWriter]
     if args.format == "parquet":
         _prepare_dataset(args.output)
         sink = DatasetWriter(args.output, os.fsdecode(top))
