@@ -40,6 +40,11 @@ class Mutation:
     tests: tuple[str, ...]  # pytest node ids, relative to the repository
 
 
+NDJSON_WALK = "tests/test_client_cli.py::test_walk_ndjson_equals_local_walk"
+CSV_WALK = "tests/test_client_cli.py::test_walk_csv_to_file_equals_local_walk"
+PARQUET_WALK = "tests/test_client_cli_dataset.py::test_walk_parquet_dataset_equals_local_walk"
+PARTITIONS = "tests/test_client_cli_dataset.py::test_dataset_writer_cuts_partitions_and_keeps_every_row_once"
+
 #: The start of the agent's request handler, before the token is checked.
 HEALTH = """        if parts == (CONTROL_PREFIX, b"health"):
             record.endpoint = "health"
@@ -200,6 +205,55 @@ MUTATIONS: list[Mutation] = [
         "                if self._todo:\n                    break",
         ("tests/test_exclusions.py::test_pruning_in_the_loop_body",),
     ),
+
+    # -- out: the walk's output (walk -o FILE records, the dataset) -----------------------------
+    Mutation("out-mtime-seconds-as-atime", "walk records give the atime as mtime (float seconds) when they differ",
+             "diskover_agent/cli.py",
+             "m_s = a_s if m == a else m // 1_000_000_000 + m % 1_000_000_000 * 1e-9", "m_s = a_s",
+             (NDJSON_WALK, CSV_WALK)),
+    Mutation("out-ctime-seconds-as-mtime", "walk records give the mtime as ctime (float seconds) when they differ",
+             "diskover_agent/cli.py",
+             "c_s = m_s if c == m else c // 1_000_000_000 + c % 1_000_000_000 * 1e-9", "c_s = m_s",
+             (NDJSON_WALK, CSV_WALK)),
+    Mutation("out-path-not-utf8-latin1", "a walk record's path that is not UTF-8 decoded as Latin-1, not with U+FFFD",
+             "diskover_agent/cli.py",
+             'paths.append(raw.decode("utf-8", "replace"))', 'paths.append(raw.decode("latin-1"))',
+             (NDJSON_WALK,)),
+    Mutation("out-utf8-names-get-b64", "every path of a directory holding a name that is not UTF-8 gets path_b64",
+             "diskover_agent/cli.py",
+             "            paths.append(raw.decode(\"utf-8\"))\n            b64s.append(None)",
+             "            paths.append(raw.decode(\"utf-8\"))\n            b64s.append(base64.b64encode(raw).decode())",
+             (NDJSON_WALK, CSV_WALK)),
+    Mutation("out-dataset-uid-gid-swapped", "the dataset's uid column holds the gid and the reverse",
+             "diskover_agent/dataset.py",
+             "pa.array(stats, type=record)",
+             "pa.array([st and (*st[:4], st[5], st[4], *st[6:]) for st in stats], type=record)",
+             (PARQUET_WALK, "tests/test_distributed.py::test_dataset_is_exactly_the_tree")),
+    Mutation("out-dataset-symlink-flag", "the dataset's symlink column is true for everything but symlinks",
+             "diskover_agent/dataset.py",
+             '"symlink": [k == KIND_SYMLINK for k in kinds]', '"symlink": [k != KIND_SYMLINK for k in kinds]',
+             (PARQUET_WALK,)),
+    Mutation("out-dataset-utf8-names-raw", "the dataset gives name_raw for names that are UTF-8 too",
+             "diskover_agent/dataset.py",
+             "return decoded, [None] * len(names)", "return decoded, list(names)",
+             (PARQUET_WALK,)),
+    Mutation("out-dataset-bytes-not-files-only", "the dataset's summary counts symlinks' sizes as bytes in files",
+             "diskover_agent/dataset.py",
+             "if e.kind == KIND_FILE and (st := e.stat) is not None", "if (st := e.stat) is not None",
+             (PARQUET_WALK,)),
+    Mutation("out-dataset-rows-written-twice", "a partition's rows are written again in the next partition",
+             "diskover_agent/dataset.py",
+             "        s.errors += rows.errors\n        self._rows = Rows()", "        s.errors += rows.errors",
+             (PARTITIONS,)),
+    Mutation("out-dataset-last-partition-lost", "the last partition of a walk written by one process is not written",
+             "diskover_agent/dataset.py",
+             "if len(self._rows) or not self.summary.files:", "if not self.summary.files:",
+             (PARTITIONS,)),
+    Mutation("out-dataset-no-error-rows", "walk --format parquet writes no row for a directory it could not list",
+             "diskover_agent/cli.py",
+             "                    if self.on_error is not None:\n                        self.on_error(d.path, err)",
+             "                    pass",
+             ("tests/test_client_cli_dataset.py::test_walk_parquet_unreadable_directories_are_error_rows",)),
 ]
 
 

@@ -488,6 +488,19 @@ def test_token(tmp_path, start_agent):
                    env=clean_env(DISKOVER_AGENT_TOKEN="s3cret-token")).returncode == 0
 
 
+def test_version_is_the_installed_distributions():
+    from importlib.metadata import version
+
+    import diskover_agent
+
+    want = version("diskover-storage-agent")
+    r = cli("--version")
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"diskover-agent {want}\n".encode(), b"")
+    assert diskover_agent.__version__ == want  # looked up on first use, then kept
+    with pytest.raises(AttributeError):
+        diskover_agent.no_such_attribute  # noqa: B018
+
+
 @pytest.mark.parametrize("args", [
     ["walk", REMOTE],                                   # no hosts at all
     ["--hosts", "h:99999", "walk", REMOTE],             # bad port

@@ -6,17 +6,10 @@
 ...     ...
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
 from .connection import AgentConnection
 from .entry import AgentDirEntry
 from .errors import AgentBusyError, AgentConnectionError, AgentError, AgentHTTPError, AgentProtocolError
 from .oswalk import parallel_walk, parallel_walk_entries
-
-try:
-    __version__ = version("diskover-storage-agent")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0"
 
 __all__ = [
     "AgentBusyError",
@@ -30,3 +23,18 @@ __all__ = [
     "parallel_walk",
     "parallel_walk_entries",
 ]
+
+
+
+def __getattr__(name: str) -> str:
+    """``__version__``, looked up on first use (importlib.metadata costs start-up time)."""
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("diskover-storage-agent")
+    except PackageNotFoundError:  # running from a source tree
+        found = "0.0.0"
+    globals()["__version__"] = found
+    return found

@@ -18,8 +18,10 @@ import base64
 import csv
 import functools
 import grp
+import importlib.util
 import io
 import math
+import operator
 import os
 import pwd
 import stat
@@ -27,13 +29,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any, Optional
+from typing import IO, TYPE_CHECKING, Any, Optional, Union
 
 import msgspec
-from tqdm import tqdm
+import msgspec.structs
 
-from . import __version__
 from .connection import AgentConnection, parse_hosts
+from .dataset import DatasetWriter, prepare_output
 from .entry import AgentDirEntry, make_stat
 from .errors import AgentConnectionError, AgentError, AgentHTTPError
 from .protocol import KIND_DIR, KIND_FILE, KIND_NAMES, KIND_SYMLINK, Entry, Exclusions
@@ -48,6 +50,9 @@ from .transport import (
     token_problem,
 )
 from .walk import DEFAULT_RETRY_FOR, Walker
+
+if TYPE_CHECKING:  # tqdm is imported when a progress display is shown (it costs start-up time)
+    from tqdm import tqdm
 
 PROG = "diskover-agent"
 HOSTS_ENV = "DISKOVER_AGENT_HOSTS"
@@ -123,15 +128,9 @@ def _join(parent: bytes, name: bytes) -> bytes:
     return parent + name if parent.endswith(b"/") else parent + b"/" + name
 
 
-def _seconds(ns: int) -> float:
-    """Nanoseconds as ``os.stat_result`` gives them in float seconds (the same rounding)."""
-    s, rest = divmod(ns, 1_000_000_000)
-    return s + rest * 1e-9
-
-
 # -- walk records ---------------------------------------------------------------------------
 
-class Record(msgspec.Struct):
+class Record(msgspec.Struct, gc=False):
     """One entry of ``walk`` output; the field order is :data:`FIELDS`."""
 
     path: str
@@ -161,31 +160,56 @@ assert Record.__struct_fields__ == FIELDS
 _NO_STAT = (None,) * 15
 
 
-def record_row(parent: bytes, parent_text: Optional[str], entry: Entry) -> tuple:
-    """The :data:`FIELDS` of one entry of directory ``parent``. ``parent_text`` is ``parent``
-    decoded as UTF-8, or None when it is not valid UTF-8."""
-    name: Optional[str] = None
-    if parent_text is not None:
+def _texts(parent: bytes, entries: Sequence[Entry]) -> tuple[list[str], list[Optional[str]], list[str]]:
+    """``(paths, path_b64s, names)`` of ``entries`` of directory ``parent`` as :data:`FIELDS`
+    has them: UTF-8 text (U+FFFD for bytes that are not), and the exact path in base64 when
+    it is not UTF-8. Names hold no ``/`` (the wire's rule), so one decode of them all, joined
+    by ``/``, does for the directory; a directory with a name that is not UTF-8 (or a parent
+    that is not) is decoded name by name."""
+    try:
+        prefix = (parent if parent.endswith(b"/") else parent + b"/").decode("utf-8")
+        names = b"/".join([e.name for e in entries]).decode("utf-8").split("/")
+        if len(names) == len(entries):
+            return [prefix + n for n in names], [None] * len(names), names
+    except UnicodeDecodeError:
+        pass
+    paths: list[str] = []
+    b64s: list[Optional[str]] = []
+    for e in entries:
+        raw = _join(parent, e.name)
         try:
-            name = entry.name.decode("utf-8")
+            paths.append(raw.decode("utf-8"))
+            b64s.append(None)
         except UnicodeDecodeError:
-            pass
-    if name is not None:
-        path = parent_text + name if parent_text.endswith("/") else f"{parent_text}/{name}"
-        b64 = None
-    else:
-        raw = _join(parent, entry.name)
-        name = entry.name.decode("utf-8", "replace")
-        path = raw.decode("utf-8", "replace")
-        b64 = base64.b64encode(raw).decode("ascii")
-    kind = entry.kind
-    target = TYPES.get(entry.target) if kind == KIND_SYMLINK and entry.target is not None else None
-    st = entry.stat
-    if st is None:
-        return (path, b64, name, TYPES.get(kind, "unknown"), target, *_NO_STAT)
-    mode, ino, dev, nlink, uid, gid, size, atime, mtime, ctime, blocks = st[:11]
-    return (path, b64, name, TYPES.get(kind, "unknown"), target, size, blocks * 512, blocks, mode, uid, gid,
-            ino, nlink, dev, _seconds(atime), _seconds(mtime), _seconds(ctime), atime, mtime, ctime)
+            paths.append(raw.decode("utf-8", "replace"))
+            b64s.append(base64.b64encode(raw).decode("ascii"))
+    return paths, b64s, [e.name.decode("utf-8", "replace") for e in entries]
+
+
+def records(parent: bytes, entries: Sequence[Entry]) -> list[Record]:
+    """The walk records of ``entries``, in their order, of directory ``parent``. Times in
+    seconds are ``os.stat_result``'s floats (whole seconds plus nanoseconds * 1e-9, the same
+    rounding); an entry without its stat (vanished, or in a directory that cannot be
+    searched) has every stat field null."""
+    if not entries:
+        return []
+    types = TYPES
+    out: list[Record] = []
+    append = out.append
+    for e, path, b64, name in zip(entries, *_texts(parent, entries), strict=True):
+        kind = e.kind
+        target = types.get(e.target) if kind == KIND_SYMLINK and e.target is not None else None
+        st = e.stat
+        if st is None:
+            append(Record(path, b64, name, types.get(kind, "unknown"), target, *_NO_STAT))
+            continue
+        mode, ino, dev, nlink, uid, gid, size, a, m, c, blocks = st[:11]
+        a_s = a // 1_000_000_000 + a % 1_000_000_000 * 1e-9
+        m_s = a_s if m == a else m // 1_000_000_000 + m % 1_000_000_000 * 1e-9
+        c_s = m_s if c == m else c // 1_000_000_000 + c % 1_000_000_000 * 1e-9
+        append(Record(path, b64, name, types.get(kind, "unknown"), target, size, blocks * 512, blocks, mode, uid,
+                      gid, ino, nlink, dev, a_s, m_s, c_s, a, m, c))
+    return out
 
 
 class RecordWriter:
@@ -202,13 +226,20 @@ class RecordWriter:
         else:
             self._encode_lines = msgspec.json.Encoder().encode_lines
 
-    def write(self, rows: list[tuple]) -> None:
+    def add_dir(self, path: bytes, entries: Sequence[Entry]) -> None:
+        """Write the records of a directory's entries."""
+        self.write(records(path, entries))
+
+    def add_error(self, path: bytes, error: OSError) -> None:
+        """A directory that could not be listed has no record (the walk names it on stderr)."""
+
+    def write(self, rows: list[Record]) -> None:
         if not rows:
             return
         if self._text is not None:
-            self._csv.writerows(rows)
+            self._csv.writerows(map(msgspec.structs.astuple, rows))
         else:
-            self.out.write(self._encode_lines([Record(*r) for r in rows]))
+            self.out.write(self._encode_lines(rows))
 
     def flush(self) -> None:
         if self._text is not None:
@@ -316,9 +347,12 @@ def remote_path(text: str) -> bytes:
 class Crawl:
     """One stat walk through the agents: directories as they arrive, errors reported and counted."""
 
-    def __init__(self, ctx: Context, top: bytes, *, exclude: Sequence[str] = (), one_fs: bool = False) -> None:
+    def __init__(self, ctx: Context, top: bytes, *, exclude: Sequence[str] = (), one_fs: bool = False,
+                 on_error: Optional[Callable[[bytes, OSError], None]] = None) -> None:
         self.ctx = ctx
         self.top = top
+        #: Called with each directory that could not be listed (after the message on stderr).
+        self.on_error = on_error
         patterns = [os.fsencode(p) for p in exclude]
         self.walker = Walker(
             top, ctx.hosts, port=ctx.port, workers=ctx.workers, stat=True, retry_for=ctx.retry_for,
@@ -340,8 +374,10 @@ class Crawl:
                     self.errors += 1
                     err = d.error
                     self.ctx.warn(f"{shown(d.path)}: {err.strerror or err}")
+                    if self.on_error is not None:
+                        self.on_error(d.path, err)
                     continue
-                entries = sorted(d.entries, key=_by_name)
+                entries = sorted(d.entries, key=_BY_NAME)
                 self.dirs += 1
                 self.entries += len(entries)
                 self.bytes += sum(e.stat[6] for e in entries if e.kind == KIND_FILE and e.stat is not None)
@@ -377,8 +413,7 @@ def _count_of(n: int, one: str, many: str) -> str:
     return f"{n:,} {one if n == 1 else many}"
 
 
-def _by_name(entry: Entry) -> bytes:
-    return entry.name
+_BY_NAME = operator.attrgetter("name")
 
 
 class Progress:
@@ -388,6 +423,8 @@ class Progress:
     ACTIVE_FOR = 2.0  # a host is "in use" when it answered within this many seconds
 
     def __init__(self, ctx: Context, crawl: Crawl) -> None:
+        from tqdm import tqdm
+
         self.ctx = ctx
         self.crawl = crawl
         self.bar = tqdm(total=None, unit=" dirs", unit_scale=True, file=sys.stderr, leave=False, mininterval=0,
@@ -429,7 +466,7 @@ class Progress:
         self._last_entries, self._last_time = entries, now
         used, hosts = self._hosts_in_use(now)
         self.bar.set_postfix_str(
-            f"{tqdm.format_sizeof(entries)} entries ({tqdm.format_sizeof(self._entry_rate or 0)}/s), "
+            f"{self.bar.format_sizeof(entries)} entries ({self.bar.format_sizeof(self._entry_rate or 0)}/s), "
             f"{size_text(c.bytes)} in files, hosts {used}/{hosts}, "
             f"{_count_of(c.errors, 'error', 'errors')}", refresh=False)
         delta = c.dirs - self.bar.n
@@ -563,18 +600,27 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
     if args.dask is not None:
         return cmd_walk_dask(args, ctx)
-    if args.format == "parquet":
-        raise UsageError("--format parquet writes a dataset: use it with --dask (e.g. --dask local:2) and -o DIR")
     top = remote_path(args.path)
     maxdepth: Optional[int] = args.maxdepth
     to_stdout = args.output in (None, "-")
+    if args.format == "parquet":
+        if to_stdout:
+            raise UsageError("--format parquet writes a dataset: give -o DIR")
+        if importlib.util.find_spec("pyarrow") is None:  # imported when the first partition is written
+            raise UsageError("--format parquet needs pyarrow (pip install 'diskover-storage-agent[dask]')")
     ctx.check_reachable(top)
-    try:
-        out: IO[bytes] = sys.stdout.buffer if to_stdout else open(args.output, "wb")
-    except OSError as exc:
-        raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
-    writer = RecordWriter(out, args.format)
-    crawl = Crawl(ctx, top, exclude=args.exclude, one_fs=args.one_file_system)
+    out: Optional[IO[bytes]] = None
+    sink: Union[RecordWriter, DatasetWriter]
+    if args.format == "parquet":
+        _prepare_dataset(args.output)
+        sink = DatasetWriter(args.output, os.fsdecode(top))
+    else:
+        try:
+            out = sys.stdout.buffer if to_stdout else open(args.output, "wb", buffering=1 << 20)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+        sink = RecordWriter(out, args.format)
+    crawl = Crawl(ctx, top, exclude=args.exclude, one_fs=args.one_file_system, on_error=sink.add_error)
 
     def body(crawl: Crawl) -> None:
         for path, entries in crawl:
@@ -585,20 +631,30 @@ def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
                         crawl.prune(_join(path, e.name))
                 if depth + 1 > maxdepth:
                     continue
-            try:
-                text: Optional[str] = path.decode("utf-8")
-            except UnicodeDecodeError:
-                text = None
-            writer.write([record_row(path, text, e) for e in entries])
-        writer.flush()
+            sink.add_dir(path, entries)
 
     try:
         run_crawl(ctx, crawl, body, output_is_terminal=to_stdout and sys.stdout.isatty())
+        if isinstance(sink, DatasetWriter):
+            sink.close(crawl.seconds)
+        else:
+            sink.flush()
         return finish(ctx, crawl)
     finally:
-        writer.detach()
-        if not to_stdout:
+        if isinstance(sink, RecordWriter):
+            sink.detach()
+        if out is not None and not to_stdout:
             out.close()
+
+
+def _prepare_dataset(output: str) -> None:
+    """Create, or check, the directory of a walk's dataset: a usage error when it cannot be one."""
+    try:
+        prepare_output(output)
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
 
 
 def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
@@ -615,6 +671,7 @@ def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
         raise UsageError("--maxdepth is not available with --dask")
     top = remote_path(args.path)
     ctx.check_reachable(top)
+    _prepare_dataset(args.output)
     try:
         if args.dask.startswith("local:"):
             client = local_cluster(_positive(args.dask[6:]))
@@ -626,6 +683,8 @@ def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
         raise UsageError(f"cannot reach the Dask scheduler {args.dask}: {exc}") from None
     bar = None
     if _show_progress(ctx):
+        from tqdm import tqdm
+
         bar = ctx.bar = tqdm(total=None, file=sys.stderr, unit=" entries", unit_scale=True, dynamic_ncols=True)
 
     def progress(summary: Any, result: Any) -> None:
@@ -791,6 +850,19 @@ def _seconds_arg(text: str) -> float:
     return v
 
 
+class _Version(argparse.Action):
+    """``--version``, looking the version up only when asked (the lookup costs start-up time)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from . import __version__
+
+        print(f"{PROG} {__version__}")
+        parser.exit()
+
+
 _PATH_HELP = "a remote path, as the agents export it (e.g. /mnt/isilon/projects)"
 
 
@@ -801,7 +873,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 complete; 1 some directories could not be listed (named on stderr); "
                "2 could not run (bad arguments, no agent reachable, refused); 130 interrupted.",
     )
-    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    p.add_argument("--version", action=_Version, help="show program's version number and exit")
     g = p.add_argument_group("agents")
     g.add_argument("--hosts", metavar="H1,H2,...",
                    help=f"agents as name, name:port or [v6addr]:port, comma-separated (default: ${HOSTS_ENV})")
@@ -835,9 +907,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "type, target_type, size, allocated, blocks, mode, uid, gid, inode, nlink, "
                                       "dev, atime, mtime, ctime and their *_ns.")
     walk.add_argument("path", metavar="PATH", help=_PATH_HELP)
-    walk.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    walk.add_argument("-o", "--output", metavar="FILE",
+                      help="write to FILE instead of stdout (with --format parquet or --dask: the dataset directory)")
     walk.add_argument("--format", choices=("ndjson", "csv", "parquet"), default=None,
-                      help="ndjson (default), csv; with --dask: parquet (default) or ndjson partitions")
+                      help="ndjson (default), csv, or parquet: a dataset of Parquet partitions in -o DIR, as "
+                           "with --dask; with --dask: parquet (default) or ndjson partitions")
     walk.add_argument("--dask", metavar="SCHEDULER",
                       help="run the walk as Dask tasks on this scheduler (tcp://host:8786), or on a local "
                            "cluster of N worker processes (local:N); -o DIR receives the dataset")

@@ -27,21 +27,26 @@ error_message   string    ``name`` is empty
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import msgspec
 
-from .protocol import KIND_NAMES, Entry, errno_name
+from .protocol import KIND_FILE, KIND_NAMES, KIND_SYMLINK, Entry, errno_name
 
 TYPES = KIND_NAMES
 FORMATS = ("parquet", "ndjson")
 _STAT_COLUMNS = ("mode", "ino", "dev", "nlink", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns", "blocks")
-# positions of those fields in the wire's stat record
-_STAT_INDEX = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
 COLUMNS = ("parent", "parent_raw", "name", "name_raw", "type", "symlink", "target_type", *_STAT_COLUMNS,
            "error_errno", "error_code", "error_message")
+#: A dataset's partition files are named ``PART_PREFIX``..., beside the ``MANIFEST`` (the summary).
+PART_PREFIX = "part-"
+MANIFEST = "_walk.json"
 
 
 def arrow_schema() -> Any:
@@ -65,74 +70,222 @@ def _text(raw: bytes) -> tuple[str, Optional[bytes]]:
         return raw.decode("utf-8", "replace"), raw
 
 
+def texts(names: Sequence[bytes]) -> tuple[list[str], list[Optional[bytes]]]:
+    """``names`` as UTF-8 text (bytes that are not UTF-8 replaced by U+FFFD), and each one's
+    exact bytes where it is not UTF-8 (else None). Names hold no ``/`` (the wire's rule), so
+    one decode of them all, joined by ``/``, does when every one is UTF-8."""
+    try:
+        decoded = b"/".join(names).decode("utf-8").split("/")
+        if len(decoded) == len(names):
+            return decoded, [None] * len(names)
+    except UnicodeDecodeError:
+        pass
+    pairs = [_text(n) for n in names]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+@dataclass
+class WalkSummary:
+    """A whole walk written as a dataset (its ``MANIFEST``)."""
+
+    top: str
+    output: str
+    format: str
+    files: list[str] = field(default_factory=list)
+    tasks: int = 0
+    dirs: int = 0
+    entries: int = 0
+    bytes: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+
+
+def prepare_output(output: str) -> None:
+    """Create the dataset directory ``output``, or check that it holds no partitions yet
+    (``FileExistsError``); ``NotADirectoryError`` when it is something else."""
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), output)
+    os.makedirs(output, exist_ok=True)
+    if any(n.startswith(PART_PREFIX) for n in os.listdir(output)):
+        raise FileExistsError(f"{output} already holds a walk's partitions; use an empty directory")
+
+
+def write_manifest(summary: WalkSummary) -> None:
+    """Write the summary beside the partitions, as ``MANIFEST``."""
+    with open(os.path.join(summary.output, MANIFEST), "w") as f:
+        json.dump(asdict(summary), f, indent=1)
+
+
+class _Row(msgspec.Struct, gc=False):
+    """One row of an NDJSON partition (keys in :data:`COLUMNS` order; bytes as base64)."""
+
+    parent: str
+    parent_raw: Optional[bytes]
+    name: str
+    name_raw: Optional[bytes]
+    type: str
+    symlink: bool
+    target_type: Optional[str]
+    mode: Optional[int]
+    ino: Optional[int]
+    dev: Optional[int]
+    nlink: Optional[int]
+    uid: Optional[int]
+    gid: Optional[int]
+    size: Optional[int]
+    atime_ns: Optional[int]
+    mtime_ns: Optional[int]
+    ctime_ns: Optional[int]
+    blocks: Optional[int]
+    error_errno: Optional[int]
+    error_code: Optional[str]
+    error_message: Optional[str]
+
+
+assert _Row.__struct_fields__ == COLUMNS
+
+
 class Rows:
-    """Columns being filled, one directory at a time."""
+    """A partition being filled, one directory at a time; its columns are built when written."""
 
     def __init__(self) -> None:
-        self.columns: dict[str, list[Any]] = {c: [] for c in COLUMNS}
+        self._dirs: list[tuple[bytes, Sequence[Entry]]] = []
+        self._errors: list[tuple[bytes, OSError]] = []
         self.entries = 0
         self.dirs = 0
         self.errors = 0
+        #: Bytes in files (``st_size``), known once the rows are written.
         self.bytes = 0
 
     def __len__(self) -> int:
-        return len(self.columns["name"])
+        return self.entries + self.errors
 
-    def add_dir(self, path: bytes, entries: list[Entry]) -> None:
+    def add_dir(self, path: bytes, entries: Sequence[Entry]) -> None:
         self.dirs += 1
         self.entries += len(entries)
-        cols = self.columns
-        parent, parent_raw = _text(path)
-        n = len(entries)
-        cols["parent"].extend([parent] * n)
-        cols["parent_raw"].extend([parent_raw] * n)
-        for e in entries:
-            name, name_raw = _text(e.name)
-            cols["name"].append(name)
-            cols["name_raw"].append(name_raw)
-            cols["type"].append(TYPES.get(e.kind, "unknown"))
-            cols["symlink"].append(e.kind == "l")
-            cols["target_type"].append(TYPES.get(e.target) if e.target is not None else None)
-            st = e.stat
-            for col, i in zip(_STAT_COLUMNS, _STAT_INDEX, strict=True):
-                cols[col].append(st[i] if st is not None else None)
-            if st is not None and e.kind == "f":
-                self.bytes += st[6]
-        for col in ("error_errno", "error_code", "error_message"):
-            cols[col].extend([None] * n)
+        self._dirs.append((path, entries))
 
     def add_error(self, path: bytes, error: OSError) -> None:
         self.errors += 1
-        cols = self.columns
-        parent, parent_raw = _text(path)
-        row = {c: None for c in COLUMNS}
-        row.update(parent=parent, parent_raw=parent_raw, name="", type="error", symlink=False,
-                   error_errno=error.errno, error_code=errno_name(error.errno), error_message=error.strerror)
-        for c in COLUMNS:
-            cols[c].append(row[c])
+        self._errors.append((path, error))
+
+    def _entry_columns(self) -> tuple[dict[str, list[Any]], list[Optional[tuple[int, ...]]]]:
+        """The columns of the entry rows (directory by directory) but the stat columns, and
+        each entry's stat record (None when it has none)."""
+        entries = [e for _, es in self._dirs for e in es]
+        kinds = [e.kind for e in entries]
+        parent: list[str] = []
+        parent_raw: list[Optional[bytes]] = []
+        name: list[str] = []
+        name_raw: list[Optional[bytes]] = []
+        for path, es in self._dirs:
+            text, raw = _text(path)
+            parent += [text] * len(es)
+            parent_raw += [raw] * len(es)
+            names, raws = texts([e.name for e in es])
+            name += names
+            name_raw += raws
+        none = [None] * len(entries)
+        cols: dict[str, list[Any]] = {
+            "parent": parent, "parent_raw": parent_raw, "name": name, "name_raw": name_raw,
+            "type": [TYPES.get(k, "unknown") for k in kinds], "symlink": [k == KIND_SYMLINK for k in kinds],
+            "target_type": [TYPES.get(e.target) if e.target is not None else None for e in entries],
+            "error_errno": none, "error_code": none, "error_message": none,
+        }
+        stats = [e.stat for e in entries]
+        self.bytes = sum([st[6] for e in entries if e.kind == KIND_FILE and (st := e.stat) is not None])
+        return cols, stats
+
+    def _error_columns(self) -> dict[str, list[Any]]:
+        cols: dict[str, list[Any]] = {c: [] for c in COLUMNS}
+        for path, error in self._errors:
+            text, raw = _text(path)
+            row = dict.fromkeys(COLUMNS)
+            row.update(parent=text, parent_raw=raw, name="", type="error", symlink=False,
+                       error_errno=error.errno, error_code=errno_name(error.errno), error_message=error.strerror)
+            for c in COLUMNS:
+                cols[c].append(row[c])
+        return cols
+
+    def columns(self) -> dict[str, list[Any]]:
+        """Every column, as Python values: the entries, directory by directory, then the error rows."""
+        cols, stats = self._entry_columns()
+        for i, col in enumerate(_STAT_COLUMNS):  # the wire's stat record holds them first, in this order
+            cols[col] = [st[i] if st is not None else None for st in stats]
+        errors = self._error_columns()
+        return {c: cols[c] + errors[c] for c in COLUMNS}
+
+    def table(self) -> Any:
+        """The rows as an Arrow table of :func:`arrow_schema`, in the order of :meth:`columns`."""
+        import pyarrow as pa
+
+        schema = arrow_schema()
+        cols, stats = self._entry_columns()
+        # the stat records become their columns in Arrow's C++, not field by field in Python
+        record = pa.struct([schema.field(c) for c in _STAT_COLUMNS] + [("blksize", pa.int64()), ("rdev", pa.uint64())])
+        for col, values in zip(_STAT_COLUMNS, pa.array(stats, type=record).flatten(), strict=False):
+            cols[col] = values
+        table = pa.Table.from_pydict({c: cols[c] for c in COLUMNS}, schema=schema)
+        if self._errors:
+            table = pa.concat_tables([table, pa.Table.from_pydict(self._error_columns(), schema=schema)])
+        return table
 
     def write(self, directory: str, stem: str, fmt: str) -> str:
         """Write the rows as one partition file (atomically); returns its name."""
+        if fmt not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}")
         name = f"{stem}-{uuid.uuid4().hex[:12]}.{fmt}"
         final = os.path.join(directory, name)
         tmp = os.path.join(directory, f".{name}.tmp")
         if fmt == "parquet":
-            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            table = pa.Table.from_pydict(self.columns, schema=arrow_schema())
-            pq.write_table(table, tmp, compression="zstd")
-        elif fmt == "ndjson":
-            encode = msgspec.json.Encoder().encode
-            cols = self.columns
-            with open(tmp, "wb") as f:
-                for i in range(len(self)):
-                    row = {c: cols[c][i] for c in COLUMNS}
-                    for raw in ("parent_raw", "name_raw"):  # JSON has no bytes: base64 them
-                        if row[raw] is not None:
-                            row[raw] = msgspec.json.decode(msgspec.json.encode(row[raw]))
-                    f.write(encode(row) + b"\n")
+            pq.write_table(self.table(), tmp, compression="zstd")
         else:
-            raise ValueError(f"format must be one of {', '.join(FORMATS)}")
+            cols = self.columns()
+            rows = [_Row(*values) for values in zip(*(cols[c] for c in COLUMNS), strict=True)]
+            with open(tmp, "wb") as f:
+                f.write(msgspec.json.Encoder().encode_lines(rows))
         os.replace(tmp, final)
         return name
+
+
+class DatasetWriter:
+    """A walk's dataset written by one process (``walk --format parquet`` without Dask):
+    directories as they come, cut into partitions of about ``part_entries`` rows in
+    ``output``, then the manifest. The layout, the schema and the partition writer are
+    those of the walk on Dask."""
+
+    def __init__(self, output: str, top: str, fmt: str = "parquet", part_entries: int = 200_000) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}")
+        prepare_output(output)
+        #: ``tasks`` stays 0: no Dask task ran.
+        self.summary = WalkSummary(top=top, output=output, format=fmt)
+        self.part_entries = part_entries
+        self._rows = Rows()
+
+    def add_dir(self, path: bytes, entries: Sequence[Entry]) -> None:
+        self._rows.add_dir(path, entries)
+        if len(self._rows) >= self.part_entries:
+            self._write()
+
+    def add_error(self, path: bytes, error: OSError) -> None:
+        self._rows.add_error(path, error)
+
+    def _write(self) -> None:
+        rows, s = self._rows, self.summary
+        s.files.append(rows.write(s.output, f"{PART_PREFIX}{len(s.files):06d}", s.format))
+        s.dirs += rows.dirs
+        s.entries += rows.entries
+        s.bytes += rows.bytes
+        s.errors += rows.errors
+        self._rows = Rows()
+
+    def close(self, seconds: float) -> WalkSummary:
+        """Write the last partition (a walk that found nothing has one, empty) and the manifest."""
+        if len(self._rows) or not self.summary.files:
+            self._write()
+        self.summary.seconds = seconds
+        write_manifest(self.summary)
+        return self.summary

@@ -11,22 +11,22 @@ entry is written twice. Needs ``pip install diskover-storage-agent[dask]``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from .dataset import FORMATS, Rows
+from .dataset import FORMATS, MANIFEST, PART_PREFIX, Rows, WalkSummary, prepare_output, write_manifest
 from .transport import DEFAULT_PORT, fsencode_path
 from .walk import Walker
 
 #: Entries the first task lists; each later one may list twice as many, up to ``part_entries``.
 FIRST_PART_ENTRIES = 5_000
-PART_PREFIX = "part-"
-MANIFEST = "_walk.json"
+
+__all__ = ["MANIFEST", "PART_PREFIX", "PartResult", "PartSpec", "WalkSummary", "dask_walk", "local_cluster",
+           "walk_part"]
 
 
 @dataclass
@@ -58,22 +58,6 @@ class PartResult:
     bytes: int
     errors: int
     seconds: float
-
-
-@dataclass
-class WalkSummary:
-    """The whole distributed walk."""
-
-    top: str
-    output: str
-    format: str
-    files: list[str] = field(default_factory=list)
-    tasks: int = 0
-    dirs: int = 0
-    entries: int = 0
-    bytes: int = 0
-    errors: int = 0
-    seconds: float = 0.0
 
 
 def walk_part(spec: PartSpec) -> PartResult:
@@ -125,9 +109,7 @@ def dask_walk(
 
     raw_top = fsencode_path(top)
     host_list = hosts.split(",") if isinstance(hosts, str) else list(hosts)
-    os.makedirs(output, exist_ok=True)
-    if any(n.startswith(PART_PREFIX) for n in os.listdir(output)):
-        raise FileExistsError(f"{output} already holds a walk's partitions; use an empty directory")
+    prepare_output(output)
     run = os.urandom(4).hex()
     slots = max(1, sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()))
     summary = WalkSummary(top=os.fsdecode(raw_top), output=output, format=fmt)
@@ -161,8 +143,7 @@ def dask_walk(
     for name in os.listdir(output):  # partitions of runs whose result never arrived
         if (name.startswith(PART_PREFIX) or name.startswith(f".{PART_PREFIX}")) and name not in kept:
             os.unlink(os.path.join(output, name))
-    with open(os.path.join(output, MANIFEST), "w") as f:
-        json.dump(asdict(summary), f, indent=1)
+    write_manifest(summary)
     return summary
 
 

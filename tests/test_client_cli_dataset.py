@@ -1,0 +1,175 @@
+"""``diskover-agent walk --format parquet -o DIR`` without Dask: the walk's dataset written by
+the command itself, run as the installed console script against real agents on loopback, and
+read back with pyarrow (and DuckDB) to compare every column of every row with ``os.walk`` +
+``os.lstat`` of the local tree."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from test_client_cli import TYPES, cli, hosts_of, readable_tree, remote_of
+
+from conftest import HAVE_SETPRIV, IS_ROOT, REMOTE, reference_walk
+
+pq = pytest.importorskip("pyarrow.parquet")
+
+from diskover_agent.dataset import COLUMNS, MANIFEST, DatasetWriter  # noqa: E402
+from diskover_agent.walk import Walker  # noqa: E402
+
+RB = REMOTE.encode()
+
+
+def _text(raw: bytes) -> tuple[str, bytes | None]:
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "replace"), raw
+
+
+def expected_rows(top: Path) -> dict[tuple[bytes, bytes], dict]:
+    """Every row the dataset must hold, by (remote parent, name): os.walk + lstat of the local tree."""
+    out = {}
+    for root, dirs, files in os.walk(os.fsencode(top)):
+        parent = remote_of(top, root)
+        for name in dirs + files:
+            local = os.path.join(root, name)
+            st = os.lstat(local)
+            kind = TYPES.get(stat.S_IFMT(st.st_mode), "unknown")
+            target = None
+            if kind == "symlink":
+                try:
+                    target = TYPES.get(stat.S_IFMT(os.stat(local).st_mode), "unknown")
+                except OSError:
+                    target = None
+            parent_text, parent_raw = _text(parent)
+            name_text, name_raw = _text(name)
+            out[(parent, name)] = {
+                "parent": parent_text, "parent_raw": parent_raw, "name": name_text, "name_raw": name_raw,
+                "type": kind, "symlink": kind == "symlink", "target_type": target,
+                "mode": st.st_mode, "ino": st.st_ino, "dev": st.st_dev, "nlink": st.st_nlink, "uid": st.st_uid,
+                "gid": st.st_gid, "size": st.st_size, "atime_ns": st.st_atime_ns, "mtime_ns": st.st_mtime_ns,
+                "ctime_ns": st.st_ctime_ns, "blocks": st.st_blocks,
+                "error_errno": None, "error_code": None, "error_message": None,
+            }
+    return out
+
+
+def read_dataset(out: Path) -> tuple[dict, dict[tuple[bytes, bytes], dict], list[dict]]:
+    """The manifest, the entry rows by (parent bytes, name bytes), and the error rows; checks
+    that the partitions on disk are the manifest's and that no entry is written twice."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["files"], MANIFEST])
+    rows, errors = {}, []
+    for name in manifest["files"]:
+        table = pq.read_table(out / name)
+        assert table.column_names == list(COLUMNS)
+        for row in table.to_pylist():
+            if row["type"] == "error":
+                errors.append(row)
+                continue
+            key = (row["parent_raw"] or row["parent"].encode(), row["name_raw"] or row["name"].encode())
+            assert key not in rows, f"written twice: {key}"
+            rows[key] = row
+    return manifest, rows, errors
+
+
+def test_walk_parquet_dataset_equals_local_walk(tmp_path, start_agent):
+    top = readable_tree(tmp_path)
+    a, b = start_agent([(REMOTE, str(top))]), start_agent([(REMOTE, str(top))])
+    out = tmp_path / "ds"
+    r = cli("--hosts", hosts_of(a, b), "walk", "--format", "parquet", "-o", str(out), REMOTE)
+    assert r.returncode == 0, r.stderr
+    manifest, got, errors = read_dataset(out)
+    want = expected_rows(top)
+    assert errors == []
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == want[key], key
+    assert got[(RB + b"/bad\xff\xfename", b"inner\xff")]["parent"] == f"{REMOTE}/bad\ufffd\ufffdname"
+    assert got[(RB, b"link-to-dir")]["target_type"] == "dir"
+    files = [w for w in want.values() if w["type"] == "file"]
+    assert {k: manifest[k] for k in ("top", "format", "tasks", "dirs", "entries", "bytes", "errors")} == {
+        "top": REMOTE, "format": "parquet", "tasks": 0, "dirs": 1 + sum(w["type"] == "dir" for w in want.values()),
+        "entries": len(want), "bytes": sum(w["size"] for w in files), "errors": 0}
+    # the same summary line as the NDJSON walk
+    assert r.stderr.startswith(f"diskover-agent: {manifest['dirs']} directories, {len(want):,} entries, ".encode())
+    # report reads it as it reads a Dask walk's dataset
+    pytest.importorskip("duckdb")
+    rep = cli("report", str(out), "totals")
+    assert rep.returncode == 0, rep.stderr
+    header, values = rep.stdout.decode().splitlines()[1:3]
+    assert dict(zip(header.split("\t"), map(int, values.split("\t")), strict=True)) == {
+        "files": len(files), "dirs": sum(w["type"] == "dir" for w in want.values()),
+        "bytes": sum(w["size"] for w in files), "allocated": sum(w["blocks"] * 512 for w in files), "errors": 0}
+
+
+@pytest.mark.skipif(IS_ROOT and not HAVE_SETPRIV, reason="root without setpriv reads every directory")
+def test_walk_parquet_unreadable_directories_are_error_rows(awkward_tree, start_agent, tmp_path):
+    agent = start_agent([(REMOTE, str(awkward_tree))], nocaps=True)
+    out = tmp_path / "ds"
+    r = cli("--hosts", agent.hostspec, "walk", "--format", "parquet", "-o", str(out), REMOTE)
+    assert r.returncode == 1, r.stderr
+    walked, failed = reference_walk(awkward_tree)
+    assert failed, "the tree has unreadable directories"
+    manifest, got, errors = read_dataset(out)
+    assert got.keys() == {(root, n) for root, dirs, files in walked for n in dirs + files}
+    assert sorted((e["error_errno"], e["parent_raw"] or e["parent"].encode()) for e in errors) == sorted(
+        (num, path) for num, path in failed)
+    for e in errors:
+        assert (e["name"], e["error_code"], e["error_message"]) == (
+            "", errno.errorcode[e["error_errno"]], os.strerror(e["error_errno"]))
+        assert all(e[c] is None for c in ("name_raw", "target_type", *COLUMNS[7:18])) and e["symlink"] is False
+    assert manifest["errors"] == len(failed)
+    # entries of a directory that can be read but not searched are listed without their stat
+    child = got[(RB + b"/noexec", b"child")]
+    assert child["type"] == "dir" and child["size"] is None and child["mtime_ns"] is None
+
+
+def test_dataset_writer_cuts_partitions_and_keeps_every_row_once(tmp_path, start_agent):
+    """The partitions of a walk written by one process: every row once, across many partitions."""
+    top = readable_tree(tmp_path)
+    agent = start_agent([(REMOTE, str(top))])
+    out = tmp_path / "ds"
+    writer = DatasetWriter(str(out), REMOTE, part_entries=5)
+    walker = Walker(RB, [agent.hostspec], stat=True)
+    listed = 0
+    for d in walker.dirs():
+        assert d.error is None
+        writer.add_dir(d.path, d.entries)
+        listed += len(d.entries)
+    summary = writer.close(1.5)
+    manifest, got, errors = read_dataset(out)
+    want = expected_rows(top)
+    assert got == want and errors == []
+    assert len(summary.files) > 3
+    assert manifest["entries"] == listed == len(want) and manifest["seconds"] == 1.5
+    sizes = [pq.read_metadata(out / f).num_rows for f in summary.files]
+    assert all(n >= 5 for n in sizes[:-1]) and sum(sizes) == len(want)
+
+
+def test_dataset_writer_empty_walk_has_one_empty_partition(tmp_path):
+    out = tmp_path / "ds"
+    summary = DatasetWriter(str(out), REMOTE).close(0.0)
+    manifest, got, errors = read_dataset(out)
+    assert len(summary.files) == 1 and got == {} and errors == [] and manifest["entries"] == 0
+
+
+def test_walk_parquet_usage_errors(tmp_path, start_agent):
+    top = readable_tree(tmp_path)
+    agent = start_agent([(REMOTE, str(top))])
+    r = cli("--hosts", agent.hostspec, "walk", "--format", "parquet", REMOTE)
+    assert r.returncode == 2 and b"give -o DIR" in r.stderr and r.stdout == b""
+    out = tmp_path / "ds"
+    assert cli("--hosts", agent.hostspec, "-q", "walk", "--format", "parquet", "-o", str(out), REMOTE).returncode == 0
+    again = cli("--hosts", agent.hostspec, "walk", "--format", "parquet", "-o", str(out), REMOTE)
+    assert again.returncode == 2 and b"already holds a walk's partitions" in again.stderr
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    r = cli("--hosts", agent.hostspec, "walk", "--format", "parquet", "-o", str(blocker), REMOTE)
+    assert r.returncode == 2 and b"cannot write" in r.stderr
