@@ -66,12 +66,12 @@ from diskover_agent import walk as walk_module
 from diskover_agent.protocol import MSGPACK_TYPE, DirFrame, EndFrame, EntriesFrame, ErrorFrame, quote_path, read_frames
 
 import delayproxy
+from cpu import per_100k, proc_cpu, tree_cpu
 from tree import build_huge_dir, build_tree, walk_digest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REMOTE = "/mnt/isilon"
 HUGE_ENTRIES = 1_000_000
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 #: The issue's targets, checked as written.
 TARGET_TEXT = {
@@ -98,14 +98,6 @@ class Mismatch(Exception):
 
 
 # -- processes --------------------------------------------------------------------------
-
-
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        data = f.read()
-    fields = data[data.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def proc_status_kb(pid: int, key: str) -> int:
@@ -362,40 +354,35 @@ class Reference:
         return n
 
 
-class _RecordingWalker(walk_module.Walker):
-    """The library's Walker, remembered so that ``served()`` can be read after a timed walk."""
+@contextlib.contextmanager
+def recording_walker() -> Iterator[Callable[[], dict]]:
+    """Remember the last ``Walker`` built, whichever module builds it (``oswalk`` does now),
+    by patching the class's ``__init__`` itself; yields a reader of its ``served()``: requests
+    and directories per agent, and shares."""
+    cls = walk_module.Walker
+    own = cls.__dict__.get("__init__")
+    original = cls.__init__
+    last: list[Any] = []
 
-    last: Optional[walk_module.Walker] = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _RecordingWalker.last = self
-
-
-def _served_reader(rec: type[_RecordingWalker]) -> Callable[[], dict]:
-    """Read ``served()`` of the walk that just ran: requests and directories per agent, and shares."""
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        last[:] = [self]
 
     def served() -> dict:
-        walker = rec.last
-        if walker is None:
-            raise RuntimeError("could not read Walker.served() (parallel_walk no longer uses Walker?)")
-        s = walker.served()
+        if not last:
+            raise RuntimeError("no Walker was built by the walk (does parallel_walk still use walk.Walker?)")
+        s = last[0].served()
         total = sum(v["dirs"] for v in s.values()) or 1
         return {"served": s, "shares": [v["dirs"] / total for v in s.values()]}
 
-    return served
-
-
-@contextlib.contextmanager
-def recording_walker() -> Iterator[type[_RecordingWalker]]:
-    """parallel_walk builds ``diskover_agent.walk.Walker``: swap in one that remembers itself."""
-    original = walk_module.Walker
-    walk_module.Walker = _RecordingWalker  # type: ignore[misc]
-    _RecordingWalker.last = None
+    cls.__init__ = init  # type: ignore[method-assign]
     try:
-        yield _RecordingWalker
+        yield served
     finally:
-        walk_module.Walker = original  # type: ignore[misc]
+        if own is not None:
+            cls.__init__ = own  # type: ignore[method-assign]
+        else:
+            del cls.__init__
 
 
 # -- timing -------------------------------------------------------------------------------
@@ -411,7 +398,7 @@ class Bench:
         self.proxy_pids: list[int] = []
 
     def cpu_snapshot(self) -> tuple[float, float, float, int]:
-        agents = sum(proc_cpu(p) for p in self.watch)
+        agents = sum(tree_cpu(p) for p in self.watch)  # each agent's whole process tree
         proxies = sum(proc_cpu(p) for p in self.proxy_pids)
         wire = sum(proc_io_bytes(p) for p in self.proxy_pids)
         return time.process_time(), agents, proxies, wire
@@ -426,10 +413,19 @@ class Bench:
         stat: bool = False,
         extra: Optional[Callable[[], dict]] = None,
         runs: Optional[int] = None,
+        watch: Optional[list[int]] = None,
+        client_cpu_of: Optional[Callable[[Any], float]] = None,
         **info: Any,
     ) -> dict:
-        """Warm up once, then time ``fn`` ``runs`` times; every result goes through ``check``."""
+        """Warm up once, then time ``fn`` ``runs`` times; every result goes through ``check``.
+
+        ``watch``: the agent PIDs of this row (default ``self.watch``), their process trees
+        counted. ``client_cpu_of(result)``: the client's CPU when the client is not this
+        process (a command run as a child process)."""
         runs = runs or self.args.runs
+        saved_watch = self.watch
+        if watch is not None:
+            self.watch = watch
         row: dict[str, Any] = {"group": group, "name": name, "stat": stat, "runs": [], **info}
         label = f"{group}: {name}"
         try:
@@ -447,6 +443,8 @@ class Bench:
                     "proxy_cpu": p1 - p0,
                     "proxy_bytes_written": w1 - w0,
                 }
+                if client_cpu_of is not None:
+                    run["client_cpu"] = client_cpu_of(out)
                 if extra is not None:
                     run.update(extra())
                 run["entries"] = check(out)
@@ -461,6 +459,8 @@ class Bench:
             log("!" * 72 + "\n" + msg + "\n" + "!" * 72)
             self.rows.append(row)
             return row
+        finally:
+            self.watch = saved_watch
         times = [r["seconds"] for r in row["runs"]]
         best = min(range(len(times)), key=times.__getitem__)
         row["best"] = row["runs"][best]
@@ -469,6 +469,9 @@ class Bench:
         row["entries"] = row["best"]["entries"]
         row["rate"] = row["entries"] / row["seconds"]
         row["median_rate"] = row["entries"] / row["median_seconds"]
+        # CPU per entry: the median over the timed runs (steadier than the wall time on a shared machine).
+        row["cpu_per_100k"] = {side: statistics.median(per_100k(r[f"{side}_cpu"], r["entries"]) for r in row["runs"])
+                               for side in ("client", "agent", "proxy")}
         log(f"{label}: {row['rate']:,.0f} entries/s (best of {len(times)}: "
             f"{', '.join(f'{t:.3f}' for t in times)} s)")
         self.rows.append(row)
@@ -676,8 +679,7 @@ class Run:
         b.measure(group, "subtree, 1 agent, stat", lambda: remote_walk_stat(remote_top, hosts1, workers=w,
                   mode="subtree", compress=False), ref.check_remote_stat, stat=True, kind="subtree", agents=1,
                   **common)
-        with recording_walker() as rec:
-            served = _served_reader(rec)
+        with recording_walker() as served:
             b.measure(group, "subtree, 3 agents, names", lambda: remote_walk(remote_top, hosts3, workers=w,
                       mode="subtree", compress=False), ref.check_remote, kind="subtree", agents=3, extra=served,
                       **common)
@@ -691,13 +693,13 @@ class Run:
     def sweep_rows(self, ref: Reference, rtt: dict, hosts: list[str], remote_top: str) -> None:
         b = self.b
         group = "RTT 1 ms, other workers settings"
-        with recording_walker() as rec:
+        with recording_walker() as served:
             for w in self.args.sweep_workers:
                 if w == self.args.workers:
                     continue
                 for n in (1, 3):
                     agents = f"{n} agent{'s' if n > 1 else ''}"
-                    extra = _served_reader(rec) if n > 1 else None
+                    extra = served if n > 1 else None
                     b.measure(group, f"subtree, {agents}, names, workers={w}", lambda w=w, n=n: remote_walk(
                               remote_top, hosts[:n], workers=w, mode="subtree", compress=False), ref.check_remote,
                               kind="sweep", agents=n, rtt=rtt, workers=w, extra=extra)
@@ -806,10 +808,10 @@ class Run:
                     log(f"1M-entry directory: streamed listing, {label}")
                     times = []
                     for i in range(runs + 1):  # the first is a warm-up (and the RSS reading)
-                        a0 = proc_cpu(agent.pid)
+                        a0 = tree_cpu(agent.pid)
                         c0 = time.process_time()
                         r = streamed_listing(port, huge_remote)
-                        cpu = {"client_cpu": time.process_time() - c0, "agent_cpu": proc_cpu(agent.pid) - a0}
+                        cpu = {"client_cpu": time.process_time() - c0, "agent_cpu": tree_cpu(agent.pid) - a0}
                         if hwm_first is None:
                             hwm_first = proc_status_kb(agent.pid, "VmHWM")
                         names = [e.name for e in r["entries"]]
