@@ -26,6 +26,7 @@ from typing import Any, Optional
 import msgspec
 
 from diskover_agent.protocol import MSGPACK_TYPE, WalkRequest, encode_walk_request
+from walks import Mismatch
 
 WALK_TARGET = "/_agent/v1/walk?format=msgpack"
 #: Paths per request at most (as the library's ``walk.MAX_BATCH``).
@@ -284,15 +285,15 @@ def connections_per_process(agent_pids: list[int], agent_port: int, client_ports
 
 
 def check_dirs(walk: FrontierWalk, want: set[bytes], want_entries: Optional[int] = None) -> int:
-    """Raise unless the walk listed every directory of ``want`` exactly once (and, given
+    """Raise :class:`walks.Mismatch` unless the walk listed every directory of ``want`` exactly once (and, given
     ``want_entries``, sent that many entries); returns the entry count."""
     dirs = walk.dirs()
     got = set(dirs)
     if len(dirs) != len(got):
-        raise WalkFailed(f"{len(dirs) - len(got)} directories listed more than once")
+        raise Mismatch(f"{len(dirs) - len(got)} directories listed more than once")
     if got != want:
-        raise WalkFailed(f"{len(got)} directories listed, {len(want)} in the tree; "
-                         f"{len(want - got)} missing, {len(got - want)} unexpected")
+        raise Mismatch(f"{len(got)} directories listed, {len(want)} in the tree; "
+                       f"{len(want - got)} missing, {len(got - want)} unexpected")
     if want_entries is not None and walk.entries != want_entries:
-        raise WalkFailed(f"{walk.entries} entries sent, {want_entries} in the tree")
+        raise Mismatch(f"{walk.entries} entries sent, {want_entries} in the tree")
     return walk.entries

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import hashlib
 import http.client
 import json
@@ -53,24 +52,32 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Optional
 
 import msgspec
 
 import diskover_agent
-from diskover_agent import parallel_walk, parallel_walk_entries
-from diskover_agent import walk as walk_module
+from cli_rows import CliRows
+from cpu import per_100k, proc_cpu, tree_cpu, tree_pids
 from diskover_agent.protocol import MSGPACK_TYPE, DirFrame, EndFrame, EntriesFrame, ErrorFrame, quote_path, read_frames
+from frontier import FrontierWalk, check_dirs, connections_per_process
+from procs import REMOTE, Agent, Procs, agent_accepts, log, proc_io_bytes, proc_status_kb
+from walks import (
+    Mismatch,
+    Reference,
+    local_walk,
+    local_walk_lstat,
+    recording_walker,
+    remote_walk,
+    remote_walk_stat,
+)
 
 import delayproxy
-from cpu import per_100k, proc_cpu, tree_cpu
-from tree import build_huge_dir, build_tree, walk_digest
+from tree import build_huge_dir, build_tree
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REMOTE = "/mnt/isilon"
 HUGE_ENTRIES = 1_000_000
 
 #: The issue's targets, checked as written.
@@ -86,35 +93,22 @@ TARGET_TEXT = {
     "huge_first": "1M-entry directory: first entry within 0.2 s",
     "huge_total": "1M-entry directory: whole listing within 2 x local os.scandir",
     "huge_rss": "1M-entry directory: agent peak RSS grows by less than 64 MB",
+    # issue 13
+    "names_1ms_13": "names walk, 1 agent, 1 ms >= 1.0 x local os.walk",
+    "names_1ms_agent_cpu": "names walk, 1 agent, 1 ms: agent CPU per entry <= 0.8 x os.walk's",
+    "names_1ms_client_cpu": "names walk, 1 agent, 1 ms: client CPU per entry <= 0.5 x os.walk's",
+    "stat_1ms_13": "stat walk, 1 agent, 1 ms >= 0.8 x local os.walk + lstat",
+    "stat_1ms_agent_cpu": "stat walk, 1 agent, 1 ms: agent CPU per entry <= 1.2 x os.walk + lstat's",
+    "stat_1ms_client_cpu": "stat walk, 1 agent, 1 ms: client CPU per entry <= 0.5 x os.walk + lstat's",
+    "processes_2": "agent throughput with 2 processes >= 1.6 x 1 process (frontier client, names)",
+    "cli_ndjson": "CLI walk -o FILE (NDJSON, every stat field) >= 0.5 x local os.walk + lstat",
+    "cli_parquet": "CLI walk, Parquet dataset >= 0.5 x local os.walk + lstat",
 }
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class Mismatch(Exception):
-    """A timed walk did not yield what os.walk yields."""
+#: Which issue each target comes from (the table prints them in these groups).
+TARGET_ISSUE = {key: 13 if i >= 11 else 3 for i, key in enumerate(TARGET_TEXT)}
 
 
 # -- processes --------------------------------------------------------------------------
-
-
-def proc_status_kb(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def proc_io_bytes(pid: int) -> int:
-    """Bytes a process has written with write()/send() so far (``wchar``)."""
-    with open(f"/proc/{pid}/io", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("wchar:"):
-                return int(line.split()[1])
-    return 0
 
 
 def netem_available() -> str:
@@ -131,258 +125,6 @@ def netem_available() -> str:
         except OSError:
             continue
     return "unknown (no kernel config readable)"
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class Agent:
-    """A ``diskover-storage-agent`` process on loopback exporting ``local`` as REMOTE."""
-
-    def __init__(self, local: str, timeout: float = 30.0) -> None:
-        cmd = [sys.executable, "-m", "diskover_storage_agent", "-l", "127.0.0.1", "-p", "0", "-r", REMOTE, local]
-        self.proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,
-        )
-        self.log: list[str] = []
-        self.port = 0
-        ready = threading.Event()
-
-        def pump() -> None:
-            assert self.proc.stderr is not None
-            for raw in self.proc.stderr:
-                line = raw.decode("utf-8", "replace")
-                self.log.append(line)
-                del self.log[:-200]
-                if " listening on " in line and not ready.is_set():
-                    url = line.rsplit(" listening on ", 1)[1].split()[0]
-                    self.port = int(url.rsplit(":", 1)[1])
-                    ready.set()
-            ready.set()
-
-        self._pump = threading.Thread(target=pump, name=f"agent-log-{self.proc.pid}", daemon=True)
-        self._pump.start()
-        if not ready.wait(timeout) or not self.port:
-            self.stop()
-            raise RuntimeError("agent did not start:\n" + "".join(self.log))
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def hostspec(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._pump.join(5)
-
-
-class Procs:
-    """Every process this run started, stopped by PID at the end."""
-
-    def __init__(self) -> None:
-        self.items: list[Any] = []
-
-    def agent(self, local: str) -> Agent:
-        a = Agent(local)
-        self.items.append(a)
-        return a
-
-    def proxy(self, target_port: Optional[int], rtt_ms: float, rate_mbit: Optional[float] = None):
-        p = delayproxy.run_in_process(
-            "127.0.0.1", 0, "echo" if target_port is None else "127.0.0.1", target_port, rtt_ms, rate_mbit=rate_mbit
-        )
-        self.items.append(p)
-        return p
-
-    def stop(self, item: Any) -> None:
-        item.stop()
-        with contextlib.suppress(ValueError):
-            self.items.remove(item)
-
-    def stop_all(self) -> None:
-        while self.items:
-            item = self.items.pop()
-            with contextlib.suppress(Exception):
-                item.stop()
-
-
-# -- walks and their checks -------------------------------------------------------------
-
-
-def local_walk(top: str) -> list:
-    out = []
-    append = out.append
-    for root, dirs, files in os.walk(top):
-        append((root, dirs, files))
-    return out
-
-
-def local_walk_lstat(top: str) -> list:
-    # root + "/" + name: about 15% faster than os.path.join, so the stricter baseline.
-    out = []
-    append = out.append
-    lstat = os.lstat
-    for root, dirs, files in os.walk(top):
-        prefix = root + "/"
-        append((root, dirs, files, [lstat(prefix + n) for n in dirs], [lstat(prefix + n) for n in files]))
-    return out
-
-
-def remote_walk(top: str, hosts: list[str], **options: Any) -> list:
-    out = []
-    append = out.append
-    for root, dirs, files in parallel_walk(top, hosts=hosts, onerror=_raise, **options):
-        append((root, dirs, files))
-    return out
-
-
-def remote_walk_stat(top: str, hosts: list[str], **options: Any) -> list:
-    out = []
-    append = out.append
-    for root, dirs, files in parallel_walk_entries(top, hosts=hosts, onerror=_raise, **options):
-        for e in dirs:
-            e.stat(follow_symlinks=False)
-        for e in files:
-            e.stat(follow_symlinks=False)
-        append((root, dirs, files))
-    return out
-
-
-def _raise(exc: OSError) -> None:
-    raise exc
-
-
-def _stat_key(st: os.stat_result) -> bytes:
-    # Everything but atime (listing a directory may update its atime).
-    return b"%d %d %d %d %d %d %d %d %d" % (
-        st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
-        st.st_ctime_ns,
-    )
-
-
-def stat_digest(records: Iterator[tuple[str, str, os.stat_result]]) -> tuple[int, str]:
-    """``(entries, sha256)`` of ``(root, name, lstat)`` records, in any order."""
-    fsencode = os.fsencode
-    items = sorted((fsencode(root) + b"/" + fsencode(name), _stat_key(st)) for root, name, st in records)
-    digest = hashlib.sha256()
-    for path, key in items:
-        digest.update(b"%d\0%s\0%s\n" % (len(path), path, key))
-    return len(items), digest.hexdigest()
-
-
-class Reference:
-    """What os.walk yields for the tree, with roots mapped to the remote path."""
-
-    def __init__(self, local_top: str, remote_top: str) -> None:
-        self.local_top = local_top
-        self.remote_top = remote_top
-        self.names = walk_digest(self.map_local(local_walk(local_top)))
-        lst = local_walk_lstat(local_top)
-        self.stats = stat_digest(self._local_stat_records(lst))
-        self.dirs = len(lst)
-        self.tiny_dir = min(
-            (self.to_remote(r) for r, d, f, _, _ in lst if not d and not f), default=self.remote_top
-        )
-
-    def to_remote(self, root: str) -> str:
-        return self.remote_top + root[len(self.local_top) :]
-
-    def map_local(self, out: list) -> Iterator[tuple]:
-        for rec in out:
-            yield self.to_remote(rec[0]), rec[1], rec[2]
-
-    def _local_stat_records(self, out: list) -> Iterator[tuple[str, str, os.stat_result]]:
-        for root, dirs, files, dstats, fstats in out:
-            r = self.to_remote(root)
-            yield from zip([r] * len(dirs), dirs, dstats, strict=True)
-            yield from zip([r] * len(files), files, fstats, strict=True)
-
-    # -- checks: each returns the entry count, raises Mismatch -----------------------
-
-    def _check_names(self, what: str, walk_iter: Iterator[tuple]) -> int:
-        got = walk_digest(walk_iter)
-        if got != self.names:
-            raise Mismatch(f"{what}: {got[0]} entries, digest {got[1][:16]}; os.walk: {self.names[0]}, "
-                           f"{self.names[1][:16]}")
-        return got[0]
-
-    def _check_stats(self, what: str, records: Iterator[tuple]) -> None:
-        got = stat_digest(records)
-        if got != self.stats:
-            raise Mismatch(f"{what}: stat digest {got[1][:16]} over {got[0]} entries; lstat: {self.stats[1][:16]} "
-                           f"over {self.stats[0]}")
-
-    def check_local(self, out: list) -> int:
-        return self._check_names("local os.walk", self.map_local(out))
-
-    def check_local_lstat(self, out: list) -> int:
-        n = self._check_names("local os.walk + lstat", self.map_local(out))
-        self._check_stats("local os.walk + lstat", self._local_stat_records(out))
-        return n
-
-    def check_remote(self, out: list) -> int:
-        return self._check_names("parallel_walk", iter(out))
-
-    def check_remote_stat(self, out: list) -> int:
-        n = self._check_names(
-            "parallel_walk_entries", ((r, [e.name for e in d], [e.name for e in f]) for r, d, f in out)
-        )
-
-        def records() -> Iterator[tuple]:
-            for root, dirs, files in out:
-                for e in dirs:
-                    yield root, e.name, e.stat(follow_symlinks=False)
-                for e in files:
-                    yield root, e.name, e.stat(follow_symlinks=False)
-
-        self._check_stats("parallel_walk_entries", records())
-        return n
-
-
-@contextlib.contextmanager
-def recording_walker() -> Iterator[Callable[[], dict]]:
-    """Remember the last ``Walker`` built, whichever module builds it (``oswalk`` does now),
-    by patching the class's ``__init__`` itself; yields a reader of its ``served()``: requests
-    and directories per agent, and shares."""
-    cls = walk_module.Walker
-    own = cls.__dict__.get("__init__")
-    original = cls.__init__
-    last: list[Any] = []
-
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        last[:] = [self]
-
-    def served() -> dict:
-        if not last:
-            raise RuntimeError("no Walker was built by the walk (does parallel_walk still use walk.Walker?)")
-        s = last[0].served()
-        total = sum(v["dirs"] for v in s.values()) or 1
-        return {"served": s, "shares": [v["dirs"] / total for v in s.values()]}
-
-    cls.__init__ = init  # type: ignore[method-assign]
-    try:
-        yield served
-    finally:
-        if own is not None:
-            cls.__init__ = own  # type: ignore[method-assign]
-        else:
-            del cls.__init__
 
 
 # -- timing -------------------------------------------------------------------------------
@@ -601,13 +343,23 @@ class Run:
             agents = [b.procs.agent(workdir) for _ in range(3)]
             b.watch = [a.pid for a in agents]
             log("agents: " + ", ".join(f"{a.hostspec} (pid {a.pid})" for a in agents))
+            skip = args.skip
             self.local_rows(ref)
-            self.network_rows(ref, agents, remote_top)
-            self.compression_rows(ref, agents[0], remote_top)
-            self.huge(workdir, huge_local, huge_remote)
+            if "network" not in skip:
+                self.network_rows(ref, agents, remote_top)
+            if "compression" not in skip:
+                self.compression_rows(ref, agents[0], remote_top)
+            if "processes" not in skip:
+                self.processes_rows(ref, workdir, remote_top)
+            if "cli" not in skip:
+                log("command-line rows (through the first agent, no proxy)")
+                CliRows(b, ref, agents[0].hostspec, remote_top, workdir).rows()
+            if "huge" not in skip:
+                self.huge(workdir, huge_local, huge_remote)
         finally:
             b.procs.stop_all()
         self.result["rows"] = b.rows
+        self.cpu_ratios()
         self.result["targets"] = self.targets()
         self.result["failures"] = b.failures
         self.result["elapsed_seconds"] = time.perf_counter() - started
@@ -744,6 +496,50 @@ class Run:
                     b.procs.stop(p)
                 b.proxy_pids = []
 
+    def processes_rows(self, ref: Reference, workdir: str, remote_top: str) -> None:
+        """One agent with ``--processes 1``, one with ``--processes 2``, each walked by the frontier
+        client (``bench/frontier.py``) directly: what the agent serves when the client costs almost nothing."""
+        b = self.b
+        group = f"agent processes (frontier client, {self.args.frontier_connections} connections, no proxy)"
+        supported = agent_accepts("--processes")
+        top = os.fsencode(remote_top)
+        for n in (1, 2):
+            label = f"{n} process{'es' if n > 1 else ''}"
+            if not supported and n > 1:
+                for kind in ("names", "stat"):
+                    b.rows.append({"group": group, "name": f"{label}, {kind}", "stat": kind == "stat", "runs": [],
+                                   "kind": "processes", "processes": n, "note": "n/a (agent has no --processes)"})
+                continue
+            agent = b.procs.agent(workdir, ("--processes", str(n)) if supported else ())
+            try:
+                tiny_listing_ms(agent.port, ref.tiny_dir, samples=5)  # the workers are up and serving
+                log(f"agent with {label}: pids {tree_pids(agent.pid)}"
+                    + ("" if supported else " (no --processes option: 1 process)"))
+                for stat in (False, True):
+                    self._frontier_row(ref, group, f"{label}, {'stat' if stat else 'names'}", agent, top, stat,
+                                       processes=n, processes_option=supported)
+            finally:
+                b.procs.stop(agent)
+
+    def _frontier_row(self, ref: Reference, group: str, name: str, agent: Agent, top: bytes, stat: bool,
+                      **info: Any) -> None:
+        conns = self.args.frontier_connections
+        last: list[FrontierWalk] = []
+
+        def probe(ports: list[int]) -> dict[int, int]:
+            return connections_per_process(tree_pids(agent.pid), agent.port, ports)
+
+        def walk() -> FrontierWalk:
+            last[:] = [FrontierWalk("127.0.0.1", agent.port, top, connections=conns, stat=stat, probe=probe).run()]
+            return last[0]
+
+        def extra() -> dict:
+            return {"requests": last[0].requests, "connections_per_process": last[0].probed}
+
+        self.b.measure(group, name, walk, lambda w: check_dirs(w, ref.dir_paths, ref.names[0]), stat=stat,
+                       watch=[agent.pid], extra=extra, kind="processes", connections=conns,
+                       agent_pids=tree_pids(agent.pid), **info)
+
     def compression_rows(self, ref: Reference, agent: Agent, remote_top: str) -> None:
         b = self.b
         rtt_ms, rate = self.args.compress_rtt, self.args.rate_mbit
@@ -859,13 +655,25 @@ class Run:
         r = self.row("local", "os.walk + lstat" if stat else "os.walk")
         return r["rate"] if r else None
 
+    def cpu_ratios(self) -> None:
+        """Each row's CPU per entry (agent, client) over the local walk's: names walks over
+        ``os.walk``'s, stat walks over ``os.walk + lstat``'s."""
+        bases = {}
+        for stat in (False, True):
+            r = self.row("local", "os.walk + lstat" if stat else "os.walk")
+            bases[stat] = r["cpu_per_100k"]["client"] if r else None
+        for r in self.b.rows:
+            base = bases[r["stat"]]
+            if "cpu_per_100k" in r and base:
+                r["cpu_ratio"] = {side: r["cpu_per_100k"][side] / base for side in ("agent", "client")}
+
     def targets(self) -> list[dict]:
         out: list[dict] = []
 
         def add(key: str, value: Optional[float], want: str, ok: Optional[bool], detail: str = "") -> None:
             status = "n/a" if ok is None else ("PASS" if ok else "FAIL")
-            out.append({"key": key, "target": TARGET_TEXT[key], "value": value, "want": want, "status": status,
-                        "detail": detail})
+            out.append({"key": key, "issue": TARGET_ISSUE[key], "target": TARGET_TEXT[key], "value": value,
+                        "want": want, "status": status, "detail": detail})
 
         for key, rtt, stat, need in (("names_1ms", 1, False, 0.5), ("stat_1ms", 1, True, 0.5),
                                      ("names_5ms", 5, False, 0.35), ("stat_5ms", 5, True, 0.35)):
@@ -918,7 +726,47 @@ class Run:
         else:
             for key in ("huge_first", "huge_total", "huge_rss"):
                 add(key, None, "", None, "not measured")
+        self.targets_13(add)
         return out
+
+    def targets_13(self, add: Callable[..., None]) -> None:
+        for kind, stat, need, agent_max, client_max in (("names", False, 1.0, 0.8, 0.5), ("stat", True, 0.8, 1.2, 0.5)):
+            r = self.row("RTT 1 ms", f"subtree, 1 agent, {kind}")
+            base = self.base(stat)
+            local = "os.walk + lstat" if stat else "os.walk"
+            if r is None or base is None or "cpu_ratio" not in r:
+                for key in (f"{kind}_1ms_13", f"{kind}_1ms_agent_cpu", f"{kind}_1ms_client_cpu"):
+                    add(key, None, "", None, "not measured")
+                continue
+            ratio = r["rate"] / base
+            add(f"{kind}_1ms_13", ratio, f">= {need}", ratio >= need, f"{r['rate']:,.0f} vs {base:,.0f} entries/s")
+            cpu, rel = r["cpu_per_100k"], r["cpu_ratio"]
+            base_cpu = self.row("local", local)["cpu_per_100k"]["client"]  # type: ignore[index]
+            add(f"{kind}_1ms_agent_cpu", rel["agent"], f"<= {agent_max}", rel["agent"] <= agent_max,
+                f"{cpu['agent']:.3f} vs {base_cpu:.3f} CPU s per 100k entries")
+            add(f"{kind}_1ms_client_cpu", rel["client"], f"<= {client_max}", rel["client"] <= client_max,
+                f"{cpu['client']:.3f} vs {base_cpu:.3f} CPU s per 100k entries")
+        group = f"agent processes (frontier client, {self.args.frontier_connections} connections, no proxy)"
+        one, two = self.row(group, "1 process, names"), self.row(group, "2 processes, names")
+        if one and two:
+            ratio = two["rate"] / one["rate"]
+            stat1, stat2 = self.row(group, "1 process, stat"), self.row(group, "2 processes, stat")
+            also = f"; stat: {stat2['rate'] / stat1['rate']:.2f} x" if stat1 and stat2 else ""
+            add("processes_2", ratio, ">= 1.6 (2 / 1 process)", ratio >= 1.6,
+                f"{two['rate']:,.0f} vs {one['rate']:,.0f} entries/s{also}")
+        else:
+            note = next((r["note"] for r in self.b.rows if r["group"] == group and "note" in r), "not measured")
+            add("processes_2", None, ">= 1.6 (2 / 1 process)", None, note)
+        base = self.base(True)
+        cli = "command line, 1 agent, no proxy (whole process)"
+        plain = self.row(cli, "walk --format parquet -o DIR")
+        parquet = plain or self.row(cli, "walk --dask local:2 --format parquet -o DIR")
+        for key, r in (("cli_ndjson", self.row(cli, "walk -o FILE (NDJSON)")), ("cli_parquet", parquet)):
+            if r is None or base is None:
+                add(key, None, ">= 0.5", None, "not measured")
+                continue
+            ratio = r["rate"] / base
+            add(key, ratio, ">= 0.5", ratio >= 0.5, f"{r['name']}: {r['rate']:,.0f} vs {base:,.0f} entries/s")
 
     def print_table(self) -> None:
         res = self.result
@@ -944,10 +792,13 @@ class Run:
               f"{over:>11}{extra}")
         p()
         walk_base, stat_base = self.base(False), self.base(True)
-        hdr = (f"  {'walk':<44} {'entries/s':>11} {'x os.walk':>9} {'x +lstat':>8} {'best s':>7} {'median s':>8}"
-               f"  {'CPU s client/agents/proxy':>25}")
+        hdr = (f"  {'walk':<44} {'entries/s':>11} {'x os.walk':>9} {'x +lstat':>8} {'CPU/100k a/c':>13} "
+               f"{'x local a/c':>11} {'best s':>7} {'median s':>8}  {'CPU s client/agents/proxy':>25}")
         group = None
-        p("Walks (entries/s of the best run; ratios to local os.walk, stat walks also to os.walk + lstat):")
+        p("Walks (entries/s of the best run; ratios to local os.walk, stat walks also to os.walk + lstat;")
+        p("  CPU/100k a/c: CPU seconds per 100,000 entries of the agents (whole process trees) and of the client,")
+        p("  median of the runs; x local a/c: those over local os.walk's CPU per entry, stat walks over")
+        p("  os.walk + lstat's):")
         p(hdr)
         for r in self.b.rows:
             if r["group"] != group:
@@ -957,14 +808,21 @@ class Run:
                     "requested_ms") is not None else ""
                 p(f" {group}{measured}")
             if "rate" not in r:
-                p(f"  {r['name']:<44} {r.get('error', 'no result')}")
+                p(f"  {r['name']:<44} {r.get('error') or r.get('note') or 'no result'}")
                 continue
             x_walk = r["rate"] / walk_base if walk_base else None
             x_stat = r["rate"] / stat_base if (stat_base and r["stat"]) else None
             best = r["best"]
             cpu = f"{best['client_cpu']:.2f}/{best['agent_cpu']:.2f}/{best['proxy_cpu']:.2f}"
+            per, rel = r["cpu_per_100k"], r.get("cpu_ratio")
+            local = r["group"] == "local"  # no agent: only the client's (this process's) CPU
+            per_s = ("-" if local else f"{per['agent']:.3f}") + f"/{per['client']:.3f}"
+            rel_s = "-" if rel is None else ("-" if local else f"{rel['agent']:.2f}") + f"/{rel['client']:.2f}"
             p(f"  {r['name']:<44} {fmt_rate(r['rate']):>11} {fmt_ratio(x_walk):>9} {fmt_ratio(x_stat):>8} "
-              f"{r['seconds']:>7.3f} {r['median_seconds']:>8.3f}  {cpu:>25}")
+              f"{per_s:>13} {rel_s:>11} {r['seconds']:>7.3f} {r['median_seconds']:>8.3f}  {cpu:>25}")
+            if best.get("connections_per_process"):
+                p(f"  {'':<44} {best['requests']} requests; connections per agent process: "
+                  + ", ".join(f"pid {pid}: {n}" for pid, n in best["connections_per_process"].items()))
             if r.get("kind") == "compress":
                 p(f"  {'':<44} {best['proxy_bytes_written'] / 1e6:.1f} MB through the proxy")
             if "shares" in best:
@@ -983,12 +841,15 @@ class Run:
             kb = huge["agent_vmhwm_kb"]
             p(f"  agent peak RSS (VmHWM, fresh agent): {kb['before'] / 1024:.1f} MB before, "
               f"{kb['after_all'] / 1024:.1f} MB after: +{huge['rss_growth_mb']:.1f} MB")
-        p()
-        p("Targets (issue 3):")
-        for t in res["targets"]:
-            value = t["value"]
-            shown = "" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
-            p(f"  [{t['status']:<4}] {t['target']:<78} {shown:>7}  ({t['want']}; {t['detail']})")
+        for issue in (3, 13):
+            p()
+            p(f"Targets (issue {issue}):")
+            for t in res["targets"]:
+                if t["issue"] != issue:
+                    continue
+                value = t["value"]
+                shown = "" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+                p(f"  [{t['status']:<4}] {t['target']:<84} {shown:>7}  ({t['want']}; {t['detail']})")
         if res["failures"]:
             p()
             p("EXACTNESS FAILURES:")
@@ -1021,9 +882,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--workdir", default="/tmp/diskover-bench", help="where the trees live (default %(default)s)")
     parser.add_argument("--rate-mbit", type=float, default=100.0, help="link for the compression rows (Mbit/s)")
     parser.add_argument("--compress-rtt", type=float, default=1.0, help="round trip for the compression rows (ms)")
+    parser.add_argument("--frontier-connections", type=int, default=8,
+                        help="connections of the frontier client in the agent-processes rows (default %(default)s)")
+    parser.add_argument("--skip", default="",
+                        help="row groups to leave out, comma-separated: network, compression, processes, cli, huge")
     parser.add_argument("--fail-on-target", action="store_true", help="exit with status 2 when a target fails")
     args = parser.parse_args(argv)
     args.rtts = [float(x) for x in args.rtts.split(",") if x.strip()]
+    args.skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    unknown = args.skip - {"network", "compression", "processes", "cli", "huge"}
+    if unknown:
+        parser.error(f"--skip: unknown row groups {', '.join(sorted(unknown))}")
     if args.runs is None:
         args.runs = 1 if args.quick else 5
     if args.sweep_workers is None:
