@@ -3,11 +3,12 @@
 It measures what an agent can serve, not what a client can digest: one thread, one
 ``selectors`` loop over ``connections`` keep-alive HTTP connections (raw sockets), each
 carrying one ``POST /_agent/v1/walk`` at a time (``frontier_frames=True``, ``max_entries``
-per answer). Of the answer's length-prefixed msgpack frames it decodes only ``frontier``
-and ``end`` (the paths to ask for next); ``entries`` frames are counted from their array
-header, ``dir`` frames kept as raw bytes (one per directory listed, decoded after the
-walk for the exactness check), everything else skipped by its length. Any ``error`` or
-``skip`` frame, or a non-200 answer, fails the walk.
+per answer; names walks also ``names_frames=True`` where the protocol has it). Of the
+answer's length-prefixed msgpack frames it decodes only ``frontier`` and ``end`` (the
+paths to ask for next). ``entries`` frames are counted from their array header, ``names``
+frames from the length of their ``kinds`` string, and ``dir`` frames kept as raw bytes
+(one per directory listed; decoded after the walk, for the exactness check). Any other
+frame (``error``, ``skip``), or a non-200 answer, fails the walk.
 
 Frame tags are read from the first bytes of a body: every frame is a msgpack array
 (``0x9N``) whose first element is a fixstr naming it (``0xa3 dir``, ``0xa7 entries``...).
@@ -71,6 +72,9 @@ class FrontierWalk:
         self.entries = 0
         self.requests = 0
         self.local_ports: list[int] = []
+        #: Names walks ask for ``names`` frames where the protocol has them (the agent's cheapest answer).
+        self.names_frames = not stat and "names_frames" in WalkRequest.__struct_fields__
+        self._names = {"names_frames": True} if self.names_frames else {}
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -121,7 +125,7 @@ class FrontierWalk:
         n = max(1, min(MAX_BATCH, len(todo) // self.connections))
         paths = [todo.popleft() for _ in range(min(n, len(todo)))]
         body = encode_walk_request(WalkRequest(paths=paths, stat=self.stat, max_entries=self.max_entries,
-                                               frontier_frames=True))
+                                               frontier_frames=True, **self._names))
         head = (f"POST {WALK_TARGET} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nAccept: {MSGPACK_TYPE}\r\n"
                 f"Accept-Encoding: identity\r\nContent-Type: {MSGPACK_TYPE}\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode("ascii")
@@ -230,6 +234,8 @@ class FrontierWalk:
                 else:
                     count &= 0x0F
                 self.entries += count
+            elif head.startswith(b"\xa5names"):
+                self.entries += _names_count(body, start + 7)
             elif head.startswith(b"\xa3dir"):
                 self.dir_frames.append(bytes(body[start : start + size]))
             elif head.startswith(b"\xa8frontier"):
@@ -248,6 +254,22 @@ class FrontierWalk:
     def dirs(self) -> list[bytes]:
         """The paths of the directories listed, one per ``dir`` frame (decoded now)."""
         return [_decode(f)[1] for f in self.dir_frames]
+
+
+_BIN_LEN = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+_STR_LEN = {0xD9: 1, 0xDA: 2, 0xDB: 4}
+
+
+def _names_count(body: bytearray, pos: int) -> int:
+    """Entries of a ``names`` frame whose ``names`` field (msgpack bin) starts at ``pos``:
+    the length of the ``kinds`` string after it, one letter per entry."""
+    width = _BIN_LEN[body[pos]]
+    pos += 1 + width + int.from_bytes(body[pos + 1 : pos + 1 + width], "big")
+    head = body[pos]
+    if 0xA0 <= head <= 0xBF:
+        return head & 0x1F
+    width = _STR_LEN[head]
+    return int.from_bytes(body[pos + 1 : pos + 1 + width], "big")
 
 
 def connections_per_process(agent_pids: list[int], agent_port: int, client_ports: list[int]) -> dict[int, int]:

@@ -534,7 +534,8 @@ class Run:
             return last[0]
 
         def extra() -> dict:
-            return {"requests": last[0].requests, "connections_per_process": last[0].probed}
+            return {"requests": last[0].requests, "connections_per_process": last[0].probed,
+                    "names_frames": last[0].names_frames}
 
         self.b.measure(group, name, walk, lambda w: check_dirs(w, ref.dir_paths, ref.names[0]), stat=stat,
                        watch=[agent.pid], extra=extra, kind="processes", connections=conns,
