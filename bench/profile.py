@@ -105,7 +105,8 @@ _OWN_THREAD = ".<locals>.pump ("
 
 #: Frames on every stack of a thread or of this script, left out of the inclusive list.
 _FRAMING = ("Thread._bootstrap (threading.py:", "Thread._bootstrap_inner (threading.py:",
-            "Thread.run (threading.py:", "<module> (profile.py:", "main (profile.py:")
+            "Thread.run (threading.py:", "<module> (", "_run_module_as_main (<frozen runpy>",
+            "_run_code (<frozen runpy>", "main (profile.py:")
 
 
 def top_entries(stacks: dict[str, int], n: int) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
