@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import re
 import signal
 import subprocess
@@ -11,6 +12,8 @@ import sys
 import threading
 import time
 from typing import Any, Optional
+
+from cpu import tree_pids
 
 import delayproxy
 
@@ -87,6 +90,9 @@ class Agent:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 15 s; worker processes that outlive the agent (each
+        should stop with it) are named in a warning and killed by PID."""
+        workers = tree_pids(self.proc.pid)[1:] if self.proc.poll() is None else []
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -94,7 +100,27 @@ class Agent:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        deadline = time.monotonic() + 5
+        left = [p for p in workers if _running(p)]
+        while left and time.monotonic() < deadline:  # the workers' own graceful stop, bounded
+            time.sleep(0.05)
+            left = [p for p in left if _running(p)]
+        if left:
+            log(f"WARNING: agent {self.proc.pid}'s worker processes {left} outlived it: killing them")
+            for p in left:
+                with contextlib.suppress(OSError):
+                    os.kill(p, signal.SIGKILL)
         self._pump.join(5)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return data[data.rindex(")") + 2] not in "ZX"
 
 
 def agent_accepts(option: str) -> bool:
