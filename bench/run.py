@@ -829,6 +829,11 @@ class Run:
             rel_s = "-" if rel is None else ("-" if local else f"{rel['agent']:.2f}") + f"/{rel['client']:.2f}"
             p(f"  {r['name']:<44} {fmt_rate(r['rate']):>11} {fmt_ratio(x_walk):>9} {fmt_ratio(x_stat):>8} "
               f"{per_s:>13} {rel_s:>11} {r['seconds']:>7.3f} {r['median_seconds']:>8.3f}  {cpu:>25}")
+            if r.get("kind") == "processes" and r["processes"] > 1:
+                one = self.row(r["group"], r["name"].replace(f"{r['processes']} processes", "1 process"))
+                if one is not None:
+                    p(f"  {'':<44} {r['processes']} processes / 1 process: {r['rate'] / one['rate']:.2f} x "
+                      f"entries/s")
             if best.get("connections_per_process"):
                 p(f"  {'':<44} {best['requests']} requests; connections per agent process: "
                   + ", ".join(f"pid {pid}: {n}" for pid, n in best["connections_per_process"].items()))
