@@ -2,7 +2,7 @@
 
 One command::
 
-    python bench/run.py                 # 100k-entry tree, RTTs 0,1,5 ms, best of 5 (~5 min)
+    python bench/run.py                 # 100k-entry tree, RTTs 0,1,5 ms, best of 5 (~7 min)
     python bench/run.py --big           # 1M-entry tree
     python bench/run.py --quick         # one timed run per figure (a smoke test)
     python bench/run.py --json out.json --rtts 0,1,5 --runs 3 --workers 4
@@ -23,7 +23,10 @@ In one run it
   the per-directory mode through one agent -- directly (no proxy) and at each
   round trip (``0`` is a row through the proxy, showing the proxy's own cost);
   gzip on and off through a 100 Mbit/s link at 1 ms; and, at 1 ms, the subtree
-  walks at other ``workers`` settings (``--sweep-workers``);
+  walks at other ``workers`` settings (``--sweep-workers``); one agent with
+  ``--processes 1`` and one with ``--processes 2`` walked by the frontier client
+  (``bench/frontier.py``); the command line ``walk -o FILE`` (NDJSON) and its
+  Parquet dataset, whole process timed (``bench/cli_rows.py``);
 * lists the 1,000,000-entry directory streamed (time to first entry, total
   time) against a local ``os.scandir``, and reads the peak RSS growth of a freshly
   started agent (``VmHWM``);
@@ -31,8 +34,10 @@ In one run it
   ``tree.walk_digest``; stat walks also against ``lstat`` of every entry), and
   exits with status 1, loudly, when one differs;
 * prints a table (each figure, its ratio to local ``os.walk``, stat walks also
-  to ``os.walk`` + ``lstat``; the issue's targets with PASS/FAIL) and writes it
-  all as JSON (``bench/results/latest.json`` by default).
+  to ``os.walk`` + ``lstat``; the CPU seconds per 100,000 entries of the agents'
+  process trees and of the client, and their ratio to the local walk's; issues
+  3 and 13's targets with PASS/FAIL) and writes it all as JSON
+  (``bench/results/latest.json`` by default).
 
 Every process it starts (agents, proxies) is stopped by its PID at the end;
 agents also die with this process (``PR_SET_PDEATHSIG``), proxies when their
