@@ -21,8 +21,7 @@ import os
 import selectors
 import socket
 import struct
-from collections.abc import Callable
-from typing import Any, Optional
+from typing import Optional
 
 import msgspec
 
@@ -58,12 +57,12 @@ class FrontierWalk:
     """One walk of ``top`` through the agent at ``host:port`` (see the module's docstring)."""
 
     def __init__(self, host: str, port: int, top: bytes, *, connections: int = 8, max_entries: int = 4096,
-                 stat: bool = False, probe: Optional[Callable[[list[int]], Any]] = None) -> None:
-        """``probe(local_ports)``, if given, is called once the walk is done, before the
-        connections close; what it returns is kept in ``probed``."""
+                 stat: bool = False, keep_open: bool = False) -> None:
+        """``keep_open``: the connections stay open after :meth:`run` (their local ports in
+        ``local_ports``, e.g. to see which agent process holds each) until :meth:`close`."""
         self.host, self.port, self.top = host, port, top
-        self.probe = probe
-        self.probed: Any = None
+        self.keep_open = keep_open
+        self._socks: list[socket.socket] = []
         self.connections = connections
         self.max_entries = max_entries
         self.stat = stat
@@ -80,7 +79,8 @@ class FrontierWalk:
 
     def run(self) -> FrontierWalk:
         sel = selectors.DefaultSelector()
-        conns = []
+        conns: list[_Conn] = []
+        done = False
         try:
             for _ in range(self.connections):
                 sock = socket.create_connection((self.host, self.port), timeout=30)
@@ -111,14 +111,18 @@ class FrontierWalk:
                         conn.busy = False
                         busy -= 1
                         idle.append(conn)
-            if self.probe is not None:
-                self.probed = self.probe(self.local_ports)
+            done = True
         finally:
-            for conn in conns:
-                sel.unregister(conn.sock)
-                conn.sock.close()
             sel.close()
+            self._socks = [conn.sock for conn in conns]
+            if not (done and self.keep_open):
+                self.close()
         return self
+
+    def close(self) -> None:
+        for sock in self._socks:
+            sock.close()
+        self._socks = []
 
     def _send(self, conn: _Conn) -> None:
         todo = self.todo

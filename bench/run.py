@@ -539,20 +539,24 @@ class Run:
         conns = self.args.frontier_connections
         last: list[FrontierWalk] = []
 
-        def probe(ports: list[int]) -> dict[int, int]:
-            return connections_per_process(tree_pids(agent.pid), agent.port, ports)
-
         def walk() -> FrontierWalk:
-            last[:] = [FrontierWalk("127.0.0.1", agent.port, top, connections=conns, stat=stat, probe=probe).run()]
+            last[:] = [FrontierWalk("127.0.0.1", agent.port, top, connections=conns, stat=stat, keep_open=True).run()]
             return last[0]
 
-        def extra() -> dict:
-            return {"requests": last[0].requests, "connections_per_process": last[0].probed,
-                    "names_frames": last[0].names_frames}
+        def extra() -> dict:  # after the timed part, before the check closes the connections
+            w = last[0]
+            return {"requests": w.requests, "names_frames": w.names_frames,
+                    "connections_per_process": connections_per_process(tree_pids(agent.pid), agent.port,
+                                                                       w.local_ports)}
 
-        self.b.measure(group, name, walk, lambda w: check_dirs(w, ref.dir_paths, ref.names[0]), stat=stat,
-                       watch=[agent.pid], extra=extra, kind="processes", connections=conns,
-                       agent_pids=tree_pids(agent.pid), **info)
+        def check(w: FrontierWalk) -> int:
+            try:
+                return check_dirs(w, ref.dir_paths, ref.names[0])
+            finally:
+                w.close()
+
+        self.b.measure(group, name, walk, check, stat=stat, watch=[agent.pid], extra=extra, kind="processes",
+                       connections=conns, agent_pids=tree_pids(agent.pid), **info)
 
     def compression_rows(self, ref: Reference, agent: Agent, remote_top: str) -> None:
         b = self.b
