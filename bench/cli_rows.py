@@ -63,6 +63,8 @@ def run_cli(args: list[str], stderr_path: str) -> dict:
 class CliRows:
     """Times and checks the command-line rows through one agent (no proxy)."""
 
+    group = "command line, 1 agent, no proxy (whole process)"
+
     def __init__(self, bench: Bench, ref: Reference, hostspec: str, remote_top: str, scratch: str) -> None:
         self.b, self.ref, self.remote_top = bench, ref, remote_top
         self.hosts = ["--hosts", hostspec, "-q"]
@@ -72,25 +74,27 @@ class CliRows:
     def rows(self) -> None:
         try:
             self.ndjson()
-            self.parquet(["--dask", "local:2", "--format", "parquet"], "Parquet dataset, --dask local:2")
+            self.parquet(["--dask", "local:2", "--format", "parquet"])
             if self.parquet_without_dask():
-                self.parquet(["--format", "parquet"], "Parquet dataset")
+                self.parquet(["--format", "parquet"])
             else:
                 self.b.rows.append({"group": self.group, "name": "Parquet dataset (no --dask)", "stat": True,
                                     "note": "n/a (walk --format parquet needs --dask here)", "runs": []})
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
-    group = "command line, 1 agent, no proxy (whole process)"
-
     def _walk(self, extra: list[str], out: str) -> dict:
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        elif os.path.exists(out):
-            os.unlink(out)
         r = run_cli([*self.hosts, "walk", self.remote_top, *extra, "-o", out], self.stderr)
         r["out"] = out
         return r
+
+    @staticmethod
+    def _remove(path: str) -> None:
+        """The output of a walk, once checked (outside the timed part)."""
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.unlink(path)
 
     def _status(self, r: dict) -> None:
         if r["status"] != 0:
@@ -100,7 +104,7 @@ class CliRows:
         got = path_stat_digest(pairs)
         if got != self.ref.stats:
             raise Mismatch(f"{what}: {got[0]} entries, path+stat digest {got[1][:16]}; lstat: "
-                                 f"{self.ref.stats[0]}, {self.ref.stats[1][:16]}")
+                           f"{self.ref.stats[0]}, {self.ref.stats[1][:16]}")
         return got[0]
 
     # -- NDJSON ------------------------------------------------------------------------------
@@ -111,13 +115,17 @@ class CliRows:
                        stat=True, client_cpu_of=lambda r: r["cpu"], kind="cli", fmt="ndjson")
 
     def check_ndjson(self, r: dict) -> int:
-        self._status(r)
+        try:
+            self._status(r)
+            with open(r["out"], "rb") as f:
+                data = f.read()
+        finally:
+            self._remove(r["out"])
         key = stat_key
-        with open(r["out"], "rb") as f:
-            try:
-                records = msgspec.json.Decoder(_Record).decode_lines(f.read())
-            except msgspec.DecodeError as exc:
-                raise Mismatch(f"walk -o FILE: a record without every stat field: {exc}") from None
+        try:
+            records = msgspec.json.Decoder(_Record).decode_lines(data)
+        except msgspec.DecodeError as exc:
+            raise Mismatch(f"walk -o FILE: a record without every stat field: {exc}") from None
         pairs = [(base64.b64decode(x.path_b64) if x.path_b64 is not None else x.path.encode("utf-8"),
                   key(x.mode, x.inode, x.dev, x.nlink, x.uid, x.gid, x.size, x.mtime_ns, x.ctime_ns))
                  for x in records]
@@ -131,18 +139,22 @@ class CliRows:
                      os.path.join(self.scratch, "probe")], self.stderr)
         return r["status"] == 0
 
-    def parquet(self, extra: list[str], name: str) -> None:
+    def parquet(self, extra: list[str]) -> None:
         out = os.path.join(self.scratch, "dataset")
         self.b.measure(self.group, f"walk {' '.join(extra)} -o DIR", lambda: self._walk(extra, out),
-                       self.check_parquet, stat=True, client_cpu_of=lambda r: r["cpu"], kind="cli", fmt=name)
+                       self.check_parquet, stat=True, client_cpu_of=lambda r: r["cpu"], kind="cli", fmt="parquet",
+                       dask="--dask" in extra)
 
     def check_parquet(self, r: dict) -> int:
         import pyarrow.dataset as ds
 
-        self._status(r)
         cols = ["parent", "parent_raw", "name", "name_raw", "type", "mode", "ino", "dev", "nlink", "uid", "gid", "size",
                 "mtime_ns", "ctime_ns", "atime_ns", "blocks"]
-        table = ds.dataset(r["out"], format="parquet").to_table(columns=cols).to_pydict()
+        try:
+            self._status(r)
+            table = ds.dataset(r["out"], format="parquet").to_table(columns=cols).to_pydict()
+        finally:
+            self._remove(r["out"])
         if "error" in table["type"]:
             raise Mismatch("Parquet dataset: rows of type 'error'")
         stat_cols = ("mode", "ino", "dev", "nlink", "uid", "gid", "size", "mtime_ns", "ctime_ns", "atime_ns", "blocks")
