@@ -32,9 +32,9 @@ import time
 from typing import Any
 
 from diskover_agent import parallel_walk_entries
+from procs import REMOTE, Procs
 
 import delayproxy
-from run import REMOTE, Procs
 from tree import build_tree
 
 

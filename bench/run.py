@@ -2,7 +2,7 @@
 
 One command::
 
-    python bench/run.py                 # 100k-entry tree, RTTs 0,1,5 ms, best of 5 (~5 min)
+    python bench/run.py                 # 100k-entry tree, RTTs 0,1,5 ms, best of 5 (~7 min)
     python bench/run.py --big           # 1M-entry tree
     python bench/run.py --quick         # one timed run per figure (a smoke test)
     python bench/run.py --json out.json --rtts 0,1,5 --runs 3 --workers 4
@@ -23,7 +23,10 @@ In one run it
   the per-directory mode through one agent -- directly (no proxy) and at each
   round trip (``0`` is a row through the proxy, showing the proxy's own cost);
   gzip on and off through a 100 Mbit/s link at 1 ms; and, at 1 ms, the subtree
-  walks at other ``workers`` settings (``--sweep-workers``);
+  walks at other ``workers`` settings (``--sweep-workers``); one agent with
+  ``--processes 1`` and one with ``--processes 2`` walked by the frontier client
+  (``bench/frontier.py``); the command line ``walk -o FILE`` (NDJSON) and its
+  Parquet dataset, whole process timed (``bench/cli_rows.py``);
 * lists the 1,000,000-entry directory streamed (time to first entry, total
   time) against a local ``os.scandir``, and reads the peak RSS growth of a freshly
   started agent (``VmHWM``);
@@ -31,8 +34,10 @@ In one run it
   ``tree.walk_digest``; stat walks also against ``lstat`` of every entry), and
   exits with status 1, loudly, when one differs;
 * prints a table (each figure, its ratio to local ``os.walk``, stat walks also
-  to ``os.walk`` + ``lstat``; the issue's targets with PASS/FAIL) and writes it
-  all as JSON (``bench/results/latest.json`` by default).
+  to ``os.walk`` + ``lstat``; the CPU seconds per 100,000 entries of the agents'
+  process trees and of the client, and their ratio to the local walk's; issues
+  3 and 13's targets with PASS/FAIL) and writes it all as JSON
+  (``bench/results/latest.json`` by default).
 
 Every process it starts (agents, proxies) is stopped by its PID at the end;
 agents also die with this process (``PR_SET_PDEATHSIG``), proxies when their
@@ -43,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import hashlib
 import http.client
 import json
@@ -53,25 +57,33 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Optional
 
 import msgspec
 
 import diskover_agent
-from diskover_agent import parallel_walk, parallel_walk_entries
-from diskover_agent import walk as walk_module
+from cli_rows import CliRows
+from cpu import per_100k, proc_cpu, tree_cpu, tree_pids
 from diskover_agent.protocol import MSGPACK_TYPE, DirFrame, EndFrame, EntriesFrame, ErrorFrame, quote_path, read_frames
+from frontier import FrontierWalk, check_dirs, connections_per_process
+from procs import REMOTE, Agent, Procs, agent_accepts, log, proc_io_bytes, proc_status_kb
+from walks import (
+    Mismatch,
+    Reference,
+    local_walk,
+    local_walk_lstat,
+    recording_walker,
+    remote_walk,
+    remote_walk_stat,
+)
 
 import delayproxy
-from tree import build_huge_dir, build_tree, walk_digest
+from tree import build_huge_dir, build_tree
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REMOTE = "/mnt/isilon"
 HUGE_ENTRIES = 1_000_000
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 #: The issue's targets, checked as written.
 TARGET_TEXT = {
@@ -86,43 +98,22 @@ TARGET_TEXT = {
     "huge_first": "1M-entry directory: first entry within 0.2 s",
     "huge_total": "1M-entry directory: whole listing within 2 x local os.scandir",
     "huge_rss": "1M-entry directory: agent peak RSS grows by less than 64 MB",
+    # issue 13
+    "names_1ms_13": "names walk, 1 agent, 1 ms >= 1.0 x local os.walk",
+    "names_1ms_agent_cpu": "names walk, 1 agent, 1 ms: agent CPU per entry <= 0.8 x os.walk's",
+    "names_1ms_client_cpu": "names walk, 1 agent, 1 ms: client CPU per entry <= 0.5 x os.walk's",
+    "stat_1ms_13": "stat walk, 1 agent, 1 ms >= 0.8 x local os.walk + lstat",
+    "stat_1ms_agent_cpu": "stat walk, 1 agent, 1 ms: agent CPU per entry <= 1.2 x os.walk + lstat's",
+    "stat_1ms_client_cpu": "stat walk, 1 agent, 1 ms: client CPU per entry <= 0.5 x os.walk + lstat's",
+    "processes_2": "agent throughput with 2 processes >= 1.6 x 1 process (frontier client, names)",
+    "cli_ndjson": "CLI walk -o FILE (NDJSON, every stat field) >= 0.5 x local os.walk + lstat",
+    "cli_parquet": "CLI walk, Parquet dataset >= 0.5 x local os.walk + lstat",
 }
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class Mismatch(Exception):
-    """A timed walk did not yield what os.walk yields."""
+#: Which issue each target comes from (the table prints them in these groups).
+TARGET_ISSUE = {key: 13 if i >= 11 else 3 for i, key in enumerate(TARGET_TEXT)}
 
 
 # -- processes --------------------------------------------------------------------------
-
-
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        data = f.read()
-    fields = data[data.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def proc_status_kb(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def proc_io_bytes(pid: int) -> int:
-    """Bytes a process has written with write()/send() so far (``wchar``)."""
-    with open(f"/proc/{pid}/io", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("wchar:"):
-                return int(line.split()[1])
-    return 0
 
 
 def netem_available() -> str:
@@ -141,263 +132,6 @@ def netem_available() -> str:
     return "unknown (no kernel config readable)"
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class Agent:
-    """A ``diskover-storage-agent`` process on loopback exporting ``local`` as REMOTE."""
-
-    def __init__(self, local: str, timeout: float = 30.0) -> None:
-        cmd = [sys.executable, "-m", "diskover_storage_agent", "-l", "127.0.0.1", "-p", "0", "-r", REMOTE, local]
-        self.proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,
-        )
-        self.log: list[str] = []
-        self.port = 0
-        ready = threading.Event()
-
-        def pump() -> None:
-            assert self.proc.stderr is not None
-            for raw in self.proc.stderr:
-                line = raw.decode("utf-8", "replace")
-                self.log.append(line)
-                del self.log[:-200]
-                if " listening on " in line and not ready.is_set():
-                    url = line.rsplit(" listening on ", 1)[1].split()[0]
-                    self.port = int(url.rsplit(":", 1)[1])
-                    ready.set()
-            ready.set()
-
-        self._pump = threading.Thread(target=pump, name=f"agent-log-{self.proc.pid}", daemon=True)
-        self._pump.start()
-        if not ready.wait(timeout) or not self.port:
-            self.stop()
-            raise RuntimeError("agent did not start:\n" + "".join(self.log))
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def hostspec(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._pump.join(5)
-
-
-class Procs:
-    """Every process this run started, stopped by PID at the end."""
-
-    def __init__(self) -> None:
-        self.items: list[Any] = []
-
-    def agent(self, local: str) -> Agent:
-        a = Agent(local)
-        self.items.append(a)
-        return a
-
-    def proxy(self, target_port: Optional[int], rtt_ms: float, rate_mbit: Optional[float] = None):
-        p = delayproxy.run_in_process(
-            "127.0.0.1", 0, "echo" if target_port is None else "127.0.0.1", target_port, rtt_ms, rate_mbit=rate_mbit
-        )
-        self.items.append(p)
-        return p
-
-    def stop(self, item: Any) -> None:
-        item.stop()
-        with contextlib.suppress(ValueError):
-            self.items.remove(item)
-
-    def stop_all(self) -> None:
-        while self.items:
-            item = self.items.pop()
-            with contextlib.suppress(Exception):
-                item.stop()
-
-
-# -- walks and their checks -------------------------------------------------------------
-
-
-def local_walk(top: str) -> list:
-    out = []
-    append = out.append
-    for root, dirs, files in os.walk(top):
-        append((root, dirs, files))
-    return out
-
-
-def local_walk_lstat(top: str) -> list:
-    # root + "/" + name: about 15% faster than os.path.join, so the stricter baseline.
-    out = []
-    append = out.append
-    lstat = os.lstat
-    for root, dirs, files in os.walk(top):
-        prefix = root + "/"
-        append((root, dirs, files, [lstat(prefix + n) for n in dirs], [lstat(prefix + n) for n in files]))
-    return out
-
-
-def remote_walk(top: str, hosts: list[str], **options: Any) -> list:
-    out = []
-    append = out.append
-    for root, dirs, files in parallel_walk(top, hosts=hosts, onerror=_raise, **options):
-        append((root, dirs, files))
-    return out
-
-
-def remote_walk_stat(top: str, hosts: list[str], **options: Any) -> list:
-    out = []
-    append = out.append
-    for root, dirs, files in parallel_walk_entries(top, hosts=hosts, onerror=_raise, **options):
-        for e in dirs:
-            e.stat(follow_symlinks=False)
-        for e in files:
-            e.stat(follow_symlinks=False)
-        append((root, dirs, files))
-    return out
-
-
-def _raise(exc: OSError) -> None:
-    raise exc
-
-
-def _stat_key(st: os.stat_result) -> bytes:
-    # Everything but atime (listing a directory may update its atime).
-    return b"%d %d %d %d %d %d %d %d %d" % (
-        st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
-        st.st_ctime_ns,
-    )
-
-
-def stat_digest(records: Iterator[tuple[str, str, os.stat_result]]) -> tuple[int, str]:
-    """``(entries, sha256)`` of ``(root, name, lstat)`` records, in any order."""
-    fsencode = os.fsencode
-    items = sorted((fsencode(root) + b"/" + fsencode(name), _stat_key(st)) for root, name, st in records)
-    digest = hashlib.sha256()
-    for path, key in items:
-        digest.update(b"%d\0%s\0%s\n" % (len(path), path, key))
-    return len(items), digest.hexdigest()
-
-
-class Reference:
-    """What os.walk yields for the tree, with roots mapped to the remote path."""
-
-    def __init__(self, local_top: str, remote_top: str) -> None:
-        self.local_top = local_top
-        self.remote_top = remote_top
-        self.names = walk_digest(self.map_local(local_walk(local_top)))
-        lst = local_walk_lstat(local_top)
-        self.stats = stat_digest(self._local_stat_records(lst))
-        self.dirs = len(lst)
-        self.tiny_dir = min(
-            (self.to_remote(r) for r, d, f, _, _ in lst if not d and not f), default=self.remote_top
-        )
-
-    def to_remote(self, root: str) -> str:
-        return self.remote_top + root[len(self.local_top) :]
-
-    def map_local(self, out: list) -> Iterator[tuple]:
-        for rec in out:
-            yield self.to_remote(rec[0]), rec[1], rec[2]
-
-    def _local_stat_records(self, out: list) -> Iterator[tuple[str, str, os.stat_result]]:
-        for root, dirs, files, dstats, fstats in out:
-            r = self.to_remote(root)
-            yield from zip([r] * len(dirs), dirs, dstats, strict=True)
-            yield from zip([r] * len(files), files, fstats, strict=True)
-
-    # -- checks: each returns the entry count, raises Mismatch -----------------------
-
-    def _check_names(self, what: str, walk_iter: Iterator[tuple]) -> int:
-        got = walk_digest(walk_iter)
-        if got != self.names:
-            raise Mismatch(f"{what}: {got[0]} entries, digest {got[1][:16]}; os.walk: {self.names[0]}, "
-                           f"{self.names[1][:16]}")
-        return got[0]
-
-    def _check_stats(self, what: str, records: Iterator[tuple]) -> None:
-        got = stat_digest(records)
-        if got != self.stats:
-            raise Mismatch(f"{what}: stat digest {got[1][:16]} over {got[0]} entries; lstat: {self.stats[1][:16]} "
-                           f"over {self.stats[0]}")
-
-    def check_local(self, out: list) -> int:
-        return self._check_names("local os.walk", self.map_local(out))
-
-    def check_local_lstat(self, out: list) -> int:
-        n = self._check_names("local os.walk + lstat", self.map_local(out))
-        self._check_stats("local os.walk + lstat", self._local_stat_records(out))
-        return n
-
-    def check_remote(self, out: list) -> int:
-        return self._check_names("parallel_walk", iter(out))
-
-    def check_remote_stat(self, out: list) -> int:
-        n = self._check_names(
-            "parallel_walk_entries", ((r, [e.name for e in d], [e.name for e in f]) for r, d, f in out)
-        )
-
-        def records() -> Iterator[tuple]:
-            for root, dirs, files in out:
-                for e in dirs:
-                    yield root, e.name, e.stat(follow_symlinks=False)
-                for e in files:
-                    yield root, e.name, e.stat(follow_symlinks=False)
-
-        self._check_stats("parallel_walk_entries", records())
-        return n
-
-
-class _RecordingWalker(walk_module.Walker):
-    """The library's Walker, remembered so that ``served()`` can be read after a timed walk."""
-
-    last: Optional[walk_module.Walker] = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _RecordingWalker.last = self
-
-
-def _served_reader(rec: type[_RecordingWalker]) -> Callable[[], dict]:
-    """Read ``served()`` of the walk that just ran: requests and directories per agent, and shares."""
-
-    def served() -> dict:
-        walker = rec.last
-        if walker is None:
-            raise RuntimeError("could not read Walker.served() (parallel_walk no longer uses Walker?)")
-        s = walker.served()
-        total = sum(v["dirs"] for v in s.values()) or 1
-        return {"served": s, "shares": [v["dirs"] / total for v in s.values()]}
-
-    return served
-
-
-@contextlib.contextmanager
-def recording_walker() -> Iterator[type[_RecordingWalker]]:
-    """parallel_walk builds ``diskover_agent.walk.Walker``: swap in one that remembers itself."""
-    original = walk_module.Walker
-    walk_module.Walker = _RecordingWalker  # type: ignore[misc]
-    _RecordingWalker.last = None
-    try:
-        yield _RecordingWalker
-    finally:
-        walk_module.Walker = original  # type: ignore[misc]
-
-
 # -- timing -------------------------------------------------------------------------------
 
 
@@ -411,7 +145,7 @@ class Bench:
         self.proxy_pids: list[int] = []
 
     def cpu_snapshot(self) -> tuple[float, float, float, int]:
-        agents = sum(proc_cpu(p) for p in self.watch)
+        agents = sum(tree_cpu(p) for p in self.watch)  # each agent's whole process tree
         proxies = sum(proc_cpu(p) for p in self.proxy_pids)
         wire = sum(proc_io_bytes(p) for p in self.proxy_pids)
         return time.process_time(), agents, proxies, wire
@@ -426,10 +160,19 @@ class Bench:
         stat: bool = False,
         extra: Optional[Callable[[], dict]] = None,
         runs: Optional[int] = None,
+        watch: Optional[list[int]] = None,
+        client_cpu_of: Optional[Callable[[Any], float]] = None,
         **info: Any,
     ) -> dict:
-        """Warm up once, then time ``fn`` ``runs`` times; every result goes through ``check``."""
+        """Warm up once, then time ``fn`` ``runs`` times; every result goes through ``check``.
+
+        ``watch``: the agent PIDs of this row (default ``self.watch``), their process trees
+        counted. ``client_cpu_of(result)``: the client's CPU when the client is not this
+        process (a command run as a child process)."""
         runs = runs or self.args.runs
+        saved_watch = self.watch
+        if watch is not None:
+            self.watch = watch
         row: dict[str, Any] = {"group": group, "name": name, "stat": stat, "runs": [], **info}
         label = f"{group}: {name}"
         try:
@@ -447,6 +190,8 @@ class Bench:
                     "proxy_cpu": p1 - p0,
                     "proxy_bytes_written": w1 - w0,
                 }
+                if client_cpu_of is not None:
+                    run["client_cpu"] = client_cpu_of(out)
                 if extra is not None:
                     run.update(extra())
                 run["entries"] = check(out)
@@ -461,6 +206,8 @@ class Bench:
             log("!" * 72 + "\n" + msg + "\n" + "!" * 72)
             self.rows.append(row)
             return row
+        finally:
+            self.watch = saved_watch
         times = [r["seconds"] for r in row["runs"]]
         best = min(range(len(times)), key=times.__getitem__)
         row["best"] = row["runs"][best]
@@ -469,6 +216,14 @@ class Bench:
         row["entries"] = row["best"]["entries"]
         row["rate"] = row["entries"] / row["seconds"]
         row["median_rate"] = row["entries"] / row["median_seconds"]
+        # CPU per entry (steadier than the wall time on a shared machine): all timed runs together, since
+        # /proc counts in 10 ms ticks and a sum rounds once; the median of the runs' figures beside it.
+        entries = sum(r["entries"] for r in row["runs"])
+        row["cpu_per_100k"] = {side: per_100k(sum(r[f"{side}_cpu"] for r in row["runs"]), entries)
+                               for side in ("client", "agent", "proxy")}
+        row["cpu_per_100k_median"] = {
+            side: statistics.median(per_100k(r[f"{side}_cpu"], r["entries"]) for r in row["runs"])
+            for side in ("client", "agent", "proxy")}
         log(f"{label}: {row['rate']:,.0f} entries/s (best of {len(times)}: "
             f"{', '.join(f'{t:.3f}' for t in times)} s)")
         self.rows.append(row)
@@ -598,13 +353,24 @@ class Run:
             agents = [b.procs.agent(workdir) for _ in range(3)]
             b.watch = [a.pid for a in agents]
             log("agents: " + ", ".join(f"{a.hostspec} (pid {a.pid})" for a in agents))
+            skip = args.skip
             self.local_rows(ref)
-            self.network_rows(ref, agents, remote_top)
-            self.compression_rows(ref, agents[0], remote_top)
-            self.huge(workdir, huge_local, huge_remote)
+            if "network" not in skip:
+                self.network_rows(ref, agents, remote_top)
+            if "compression" not in skip:
+                self.compression_rows(ref, agents[0], remote_top)
+            if "processes" not in skip:
+                self.processes_rows(ref, workdir, remote_top)
+            if "cli" not in skip:
+                log("command-line rows (through the first agent, no proxy)")
+                CliRows(b, ref, agents[0].hostspec, remote_top, workdir).rows()
+            self.local_rows(ref, "local, again at the end")
+            if "huge" not in skip:
+                self.huge(workdir, huge_local, huge_remote)
         finally:
             b.procs.stop_all()
         self.result["rows"] = b.rows
+        self.cpu_ratios()
         self.result["targets"] = self.targets()
         self.result["failures"] = b.failures
         self.result["elapsed_seconds"] = time.perf_counter() - started
@@ -651,6 +417,9 @@ class Run:
             "netem": netem_available(),
             "msgspec": msgspec.__version__,
             "workers": self.args.workers,
+            "frontier_connections": self.args.frontier_connections,
+            "agent_processes_option": agent_accepts("--processes"),
+            "skipped": sorted(self.args.skip),
             "listdir_workers": self.args.listdir_workers,
             "source": os.path.dirname(diskover_agent.__file__),
             "runs": self.args.runs,
@@ -659,11 +428,11 @@ class Run:
 
     # -- rows ----------------------------------------------------------------------------
 
-    def local_rows(self, ref: Reference) -> None:
+    def local_rows(self, ref: Reference, group: str = "local") -> None:
         b = self.b
         b.proxy_pids = []
-        b.measure("local", "os.walk", lambda: local_walk(ref.local_top), ref.check_local, kind="os.walk")
-        b.measure("local", "os.walk + lstat", lambda: local_walk_lstat(ref.local_top), ref.check_local_lstat,
+        b.measure(group, "os.walk", lambda: local_walk(ref.local_top), ref.check_local, kind="os.walk")
+        b.measure(group, "os.walk + lstat", lambda: local_walk_lstat(ref.local_top), ref.check_local_lstat,
                   stat=True, kind="os.walk+lstat")
 
     def walk_rows(self, ref: Reference, group: str, rtt: dict, hosts1: list[str], hosts3: list[str],
@@ -676,8 +445,7 @@ class Run:
         b.measure(group, "subtree, 1 agent, stat", lambda: remote_walk_stat(remote_top, hosts1, workers=w,
                   mode="subtree", compress=False), ref.check_remote_stat, stat=True, kind="subtree", agents=1,
                   **common)
-        with recording_walker() as rec:
-            served = _served_reader(rec)
+        with recording_walker() as served:
             b.measure(group, "subtree, 3 agents, names", lambda: remote_walk(remote_top, hosts3, workers=w,
                       mode="subtree", compress=False), ref.check_remote, kind="subtree", agents=3, extra=served,
                       **common)
@@ -691,13 +459,13 @@ class Run:
     def sweep_rows(self, ref: Reference, rtt: dict, hosts: list[str], remote_top: str) -> None:
         b = self.b
         group = "RTT 1 ms, other workers settings"
-        with recording_walker() as rec:
+        with recording_walker() as served:
             for w in self.args.sweep_workers:
                 if w == self.args.workers:
                     continue
                 for n in (1, 3):
                     agents = f"{n} agent{'s' if n > 1 else ''}"
-                    extra = _served_reader(rec) if n > 1 else None
+                    extra = served if n > 1 else None
                     b.measure(group, f"subtree, {agents}, names, workers={w}", lambda w=w, n=n: remote_walk(
                               remote_top, hosts[:n], workers=w, mode="subtree", compress=False), ref.check_remote,
                               kind="sweep", agents=n, rtt=rtt, workers=w, extra=extra)
@@ -741,6 +509,55 @@ class Run:
                 for p in proxies:
                     b.procs.stop(p)
                 b.proxy_pids = []
+
+    def processes_rows(self, ref: Reference, workdir: str, remote_top: str) -> None:
+        """One agent with ``--processes 1``, one with ``--processes 2``, each walked by the frontier
+        client (``bench/frontier.py``) directly: what the agent serves when the client costs almost nothing."""
+        b = self.b
+        group = f"agent processes (frontier client, {self.args.frontier_connections} connections, no proxy)"
+        supported = agent_accepts("--processes")
+        top = os.fsencode(remote_top)
+        for n in (1, 2):
+            label = f"{n} process{'es' if n > 1 else ''}"
+            if not supported and n > 1:
+                for kind in ("names", "stat"):
+                    b.rows.append({"group": group, "name": f"{label}, {kind}", "stat": kind == "stat", "runs": [],
+                                   "kind": "processes", "processes": n, "note": "n/a (agent has no --processes)"})
+                continue
+            agent = b.procs.agent(workdir, ("--processes", str(n)) if supported else ())
+            try:
+                tiny_listing_ms(agent.port, ref.tiny_dir, samples=5)  # the workers are up and serving
+                log(f"agent with {label}: pids {tree_pids(agent.pid)}"
+                    + ("" if supported else " (no --processes option: 1 process)"))
+                for stat in (False, True):
+                    self._frontier_row(ref, group, f"{label}, {'stat' if stat else 'names'}", agent, top, stat,
+                                       processes=n, processes_option=supported)
+            finally:
+                b.procs.stop(agent)
+
+    def _frontier_row(self, ref: Reference, group: str, name: str, agent: Agent, top: bytes, stat: bool,
+                      **info: Any) -> None:
+        conns = self.args.frontier_connections
+        last: list[FrontierWalk] = []
+
+        def walk() -> FrontierWalk:
+            last[:] = [FrontierWalk("127.0.0.1", agent.port, top, connections=conns, stat=stat, keep_open=True).run()]
+            return last[0]
+
+        def extra() -> dict:  # after the timed part, before the check closes the connections
+            w = last[0]
+            return {"requests": w.requests, "names_frames": w.names_frames,
+                    "connections_per_process": connections_per_process(tree_pids(agent.pid), agent.port,
+                                                                       w.local_ports)}
+
+        def check(w: FrontierWalk) -> int:
+            try:
+                return check_dirs(w, ref.dir_paths, ref.names[0])
+            finally:
+                w.close()
+
+        self.b.measure(group, name, walk, check, stat=stat, watch=[agent.pid], extra=extra, kind="processes",
+                       connections=conns, agent_pids=tree_pids(agent.pid), **info)
 
     def compression_rows(self, ref: Reference, agent: Agent, remote_top: str) -> None:
         b = self.b
@@ -806,10 +623,10 @@ class Run:
                     log(f"1M-entry directory: streamed listing, {label}")
                     times = []
                     for i in range(runs + 1):  # the first is a warm-up (and the RSS reading)
-                        a0 = proc_cpu(agent.pid)
+                        a0 = tree_cpu(agent.pid)
                         c0 = time.process_time()
                         r = streamed_listing(port, huge_remote)
-                        cpu = {"client_cpu": time.process_time() - c0, "agent_cpu": proc_cpu(agent.pid) - a0}
+                        cpu = {"client_cpu": time.process_time() - c0, "agent_cpu": tree_cpu(agent.pid) - a0}
                         if hwm_first is None:
                             hwm_first = proc_status_kb(agent.pid, "VmHWM")
                         names = [e.name for e in r["entries"]]
@@ -853,17 +670,35 @@ class Run:
                 return r
         return None
 
+    def local(self, stat: bool) -> list[dict]:
+        """The local walk's rows (timed at the start and at the end of the run)."""
+        kind = "os.walk+lstat" if stat else "os.walk"
+        return [r for r in self.b.rows if r.get("kind") == kind and "rate" in r]
+
     def base(self, stat: bool) -> Optional[float]:
-        r = self.row("local", "os.walk + lstat" if stat else "os.walk")
-        return r["rate"] if r else None
+        """The local walk's rate: the faster of its timings (load only ever slows a run down)."""
+        return max((r["rate"] for r in self.local(stat)), default=None)
+
+    def base_cpu(self, stat: bool) -> Optional[float]:
+        """The local walk's CPU seconds per 100,000 entries: the lower of its timings."""
+        return min((r["cpu_per_100k"]["client"] for r in self.local(stat)), default=None)
+
+    def cpu_ratios(self) -> None:
+        """Each row's CPU per entry (agent, client) over the local walk's: names walks over
+        ``os.walk``'s, stat walks over ``os.walk + lstat``'s."""
+        bases = {stat: self.base_cpu(stat) for stat in (False, True)}
+        for r in self.b.rows:
+            base = bases[r["stat"]]
+            if "cpu_per_100k" in r and base:
+                r["cpu_ratio"] = {side: r["cpu_per_100k"][side] / base for side in ("agent", "client")}
 
     def targets(self) -> list[dict]:
         out: list[dict] = []
 
         def add(key: str, value: Optional[float], want: str, ok: Optional[bool], detail: str = "") -> None:
             status = "n/a" if ok is None else ("PASS" if ok else "FAIL")
-            out.append({"key": key, "target": TARGET_TEXT[key], "value": value, "want": want, "status": status,
-                        "detail": detail})
+            out.append({"key": key, "issue": TARGET_ISSUE[key], "target": TARGET_TEXT[key], "value": value,
+                        "want": want, "status": status, "detail": detail})
 
         for key, rtt, stat, need in (("names_1ms", 1, False, 0.5), ("stat_1ms", 1, True, 0.5),
                                      ("names_5ms", 5, False, 0.35), ("stat_5ms", 5, True, 0.35)):
@@ -916,7 +751,46 @@ class Run:
         else:
             for key in ("huge_first", "huge_total", "huge_rss"):
                 add(key, None, "", None, "not measured")
+        self.targets_13(add)
         return out
+
+    def targets_13(self, add: Callable[..., None]) -> None:
+        for kind, stat, need, agent_max, client_max in (("names", False, 1.0, 0.8, 0.5), ("stat", True, 0.8, 1.2, 0.5)):
+            r = self.row("RTT 1 ms", f"subtree, 1 agent, {kind}")
+            base = self.base(stat)
+            if r is None or base is None or "cpu_ratio" not in r:
+                for key in (f"{kind}_1ms_13", f"{kind}_1ms_agent_cpu", f"{kind}_1ms_client_cpu"):
+                    add(key, None, "", None, "not measured")
+                continue
+            ratio = r["rate"] / base
+            add(f"{kind}_1ms_13", ratio, f">= {need}", ratio >= need, f"{r['rate']:,.0f} vs {base:,.0f} entries/s")
+            cpu, rel = r["cpu_per_100k"], r["cpu_ratio"]
+            base_cpu = self.base_cpu(stat)
+            add(f"{kind}_1ms_agent_cpu", rel["agent"], f"<= {agent_max}", rel["agent"] <= agent_max,
+                f"{cpu['agent']:.3f} vs {base_cpu:.3f} CPU s per 100k entries")
+            add(f"{kind}_1ms_client_cpu", rel["client"], f"<= {client_max}", rel["client"] <= client_max,
+                f"{cpu['client']:.3f} vs {base_cpu:.3f} CPU s per 100k entries")
+        group = f"agent processes (frontier client, {self.args.frontier_connections} connections, no proxy)"
+        one, two = self.row(group, "1 process, names"), self.row(group, "2 processes, names")
+        if one and two:
+            ratio = two["rate"] / one["rate"]
+            stat1, stat2 = self.row(group, "1 process, stat"), self.row(group, "2 processes, stat")
+            also = f"; stat: {stat2['rate'] / stat1['rate']:.2f} x" if stat1 and stat2 else ""
+            add("processes_2", ratio, ">= 1.6 (2 / 1 process)", ratio >= 1.6,
+                f"{two['rate']:,.0f} vs {one['rate']:,.0f} entries/s{also}")
+        else:
+            note = next((r["note"] for r in self.b.rows if r["group"] == group and "note" in r), "not measured")
+            add("processes_2", None, ">= 1.6 (2 / 1 process)", None, note)
+        base = self.base(True)
+        cli = "command line, 1 agent, no proxy (whole process)"
+        plain = self.row(cli, "walk --format parquet -o DIR")
+        parquet = plain or self.row(cli, "walk --dask local:2 --format parquet -o DIR")
+        for key, r in (("cli_ndjson", self.row(cli, "walk -o FILE (NDJSON)")), ("cli_parquet", parquet)):
+            if r is None or base is None:
+                add(key, None, ">= 0.5", None, "not measured")
+                continue
+            ratio = r["rate"] / base
+            add(key, ratio, ">= 0.5", ratio >= 0.5, f"{r['name']}: {r['rate']:,.0f} vs {base:,.0f} entries/s")
 
     def print_table(self) -> None:
         res = self.result
@@ -942,10 +816,14 @@ class Run:
               f"{over:>11}{extra}")
         p()
         walk_base, stat_base = self.base(False), self.base(True)
-        hdr = (f"  {'walk':<44} {'entries/s':>11} {'x os.walk':>9} {'x +lstat':>8} {'best s':>7} {'median s':>8}"
-               f"  {'CPU s client/agents/proxy':>25}")
+        hdr = (f"  {'walk':<44} {'entries/s':>11} {'x os.walk':>9} {'x +lstat':>8} {'CPU/100k a/c':>13} "
+               f"{'x local a/c':>11} {'best s':>7} {'median s':>8}  {'CPU s client/agents/proxy':>25}")
         group = None
-        p("Walks (entries/s of the best run; ratios to local os.walk, stat walks also to os.walk + lstat):")
+        p("Walks (entries/s of the best run; ratios to local os.walk, stat walks also to os.walk + lstat, the")
+        p("  faster of their two timings (start and end of the run); the CPU ratios to the lower of their two;")
+        p("  CPU/100k a/c: CPU seconds per 100,000 entries of the agents (whole process trees) and of the client,")
+        p("  over all timed runs; x local a/c: those over local os.walk's CPU per entry, stat walks over")
+        p("  os.walk + lstat's):")
         p(hdr)
         for r in self.b.rows:
             if r["group"] != group:
@@ -955,14 +833,26 @@ class Run:
                     "requested_ms") is not None else ""
                 p(f" {group}{measured}")
             if "rate" not in r:
-                p(f"  {r['name']:<44} {r.get('error', 'no result')}")
+                p(f"  {r['name']:<44} {r.get('error') or r.get('note') or 'no result'}")
                 continue
             x_walk = r["rate"] / walk_base if walk_base else None
             x_stat = r["rate"] / stat_base if (stat_base and r["stat"]) else None
             best = r["best"]
             cpu = f"{best['client_cpu']:.2f}/{best['agent_cpu']:.2f}/{best['proxy_cpu']:.2f}"
+            per, rel = r["cpu_per_100k"], r.get("cpu_ratio")
+            local = r["group"].startswith("local")  # no agent: only the client's (this process's) CPU
+            per_s = ("-" if local else f"{per['agent']:.3f}") + f"/{per['client']:.3f}"
+            rel_s = "-" if rel is None else ("-" if local else f"{rel['agent']:.2f}") + f"/{rel['client']:.2f}"
             p(f"  {r['name']:<44} {fmt_rate(r['rate']):>11} {fmt_ratio(x_walk):>9} {fmt_ratio(x_stat):>8} "
-              f"{r['seconds']:>7.3f} {r['median_seconds']:>8.3f}  {cpu:>25}")
+              f"{per_s:>13} {rel_s:>11} {r['seconds']:>7.3f} {r['median_seconds']:>8.3f}  {cpu:>25}")
+            if r.get("kind") == "processes" and r["processes"] > 1:
+                one = self.row(r["group"], r["name"].replace(f"{r['processes']} processes", "1 process"))
+                if one is not None:
+                    p(f"  {'':<44} {r['processes']} processes / 1 process: {r['rate'] / one['rate']:.2f} x "
+                      f"entries/s")
+            if best.get("connections_per_process"):
+                p(f"  {'':<44} {best['requests']} requests; connections per agent process: "
+                  + ", ".join(f"pid {pid}: {n}" for pid, n in best["connections_per_process"].items()))
             if r.get("kind") == "compress":
                 p(f"  {'':<44} {best['proxy_bytes_written'] / 1e6:.1f} MB through the proxy")
             if "shares" in best:
@@ -981,12 +871,15 @@ class Run:
             kb = huge["agent_vmhwm_kb"]
             p(f"  agent peak RSS (VmHWM, fresh agent): {kb['before'] / 1024:.1f} MB before, "
               f"{kb['after_all'] / 1024:.1f} MB after: +{huge['rss_growth_mb']:.1f} MB")
-        p()
-        p("Targets (issue 3):")
-        for t in res["targets"]:
-            value = t["value"]
-            shown = "" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
-            p(f"  [{t['status']:<4}] {t['target']:<78} {shown:>7}  ({t['want']}; {t['detail']})")
+        for issue in (3, 13):
+            p()
+            p(f"Targets (issue {issue}):")
+            for t in res["targets"]:
+                if t["issue"] != issue:
+                    continue
+                value = t["value"]
+                shown = "" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+                p(f"  [{t['status']:<4}] {t['target']:<84} {shown:>7}  ({t['want']}; {t['detail']})")
         if res["failures"]:
             p()
             p("EXACTNESS FAILURES:")
@@ -1019,9 +912,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--workdir", default="/tmp/diskover-bench", help="where the trees live (default %(default)s)")
     parser.add_argument("--rate-mbit", type=float, default=100.0, help="link for the compression rows (Mbit/s)")
     parser.add_argument("--compress-rtt", type=float, default=1.0, help="round trip for the compression rows (ms)")
+    parser.add_argument("--frontier-connections", type=int, default=8,
+                        help="connections of the frontier client in the agent-processes rows (default %(default)s)")
+    parser.add_argument("--skip", default="",
+                        help="row groups to leave out, comma-separated: network, compression, processes, cli, huge")
     parser.add_argument("--fail-on-target", action="store_true", help="exit with status 2 when a target fails")
     args = parser.parse_args(argv)
     args.rtts = [float(x) for x in args.rtts.split(",") if x.strip()]
+    args.skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    unknown = args.skip - {"network", "compression", "processes", "cli", "huge"}
+    if unknown:
+        parser.error(f"--skip: unknown row groups {', '.join(sorted(unknown))}")
     if args.runs is None:
         args.runs = 1 if args.quick else 5
     if args.sweep_workers is None:

@@ -47,9 +47,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Optional
 
+from cpu import proc_cpu
 from diskover_agent.protocol import MSGPACK_TYPE
-
-from run import REMOTE, Agent, proc_cpu, proc_status_kb
+from procs import REMOTE, Agent, proc_status_kb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADERS = {"Accept": MSGPACK_TYPE, "Accept-Encoding": "identity"}
