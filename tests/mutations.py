@@ -243,6 +243,12 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_read_loop.py::test_both_read_loops_answer_the_same_bytes[stat-msgpack]",
          "tests/test_walk.py::test_walk_entries_carry_exact_lstat[compiled]")),
     Mutation(
+        "fast-dtype-unknown", "the compiled names loop calls every entry without d_type a file",
+        "diskover_storage_agent/_readdir.c",
+        "kind = fstatat(self->fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 ? kind_of_mode(st.st_mode) : 'f';",
+        "kind = 'f';",
+        ("tests/test_read_loop.py::test_both_read_loops_agree_without_d_type",)),
+    Mutation(
         "fast-handback-dropped", "symlinks the compiled stat loop hands back are left out of the frame",
         "diskover_storage_agent/readloop.py", "                parts.append(encode_entry_item(entry))\n", "",
         ("tests/test_read_loop.py::test_both_read_loops_answer_the_same_bytes[stat-msgpack]",

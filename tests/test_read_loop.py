@@ -36,6 +36,7 @@ from conftest import (
     compiled_read_loop_built,
     make_awkward_tree,
     settle_atimes,
+    slowfs_mounted,
 )
 
 #: Entries per answer chunk (listing.CHUNK): the big directories span several.
@@ -165,12 +166,42 @@ def frame_tag(frame) -> str:
     return frame[0] if isinstance(frame, list) else type(frame).__struct_config__.tag
 
 
+def test_both_read_loops_agree_without_d_type(tmp_path, start_agent, monkeypatch):
+    """On a file system whose directory entries carry no type (FUSE, like some NFS and XFS:
+    ``DT_UNKNOWN``), each entry's kind comes from its lstat, in both loops alike."""
+    if not compiled_read_loop_built():
+        pytest.skip("the compiled read loop was not built (no C compiler at install time)")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with slowfs_mounted(mnt, SLOW="0"):
+        req = WalkRequest([REMOTE.encode()], max_entries=1_000_000, max_seconds=60, frontier_frames=True,
+                          nofollow=True, names_frames=True)
+        answers = {}
+        for loop in READ_LOOPS:
+            if loop == "pure":
+                monkeypatch.setenv("DISKOVER_AGENT_PURE", "1")
+            agent = start_agent([(REMOTE, str(mnt))])
+            assert_read_loop(agent, loop)
+            answers[loop] = walk_answers(agent, req, "msgpack")
+            agent.stop()
+    assert answers["compiled"] == answers["pure"]
+    listed, errors = decoded_walk_of(answers["compiled"])
+    assert not errors
+    assert sorted(listed[REMOTE.encode()]) == sorted(
+        [(b"slow%d" % i, "d", None, None) for i in range(10)] + [(b"fast", "d", None, None)])
+    assert sorted(listed[REMOTE.encode() + b"/fast"]) == [(b"x", "f", None, None), (b"y", "f", None, None)]
+
+
 def decoded_walk(agent, req: WalkRequest) -> tuple[dict[bytes, list[tuple]], dict[bytes, int]]:
     """Per directory listed: its entries as (name, kind, target, stat); per directory refused: errno."""
+    return decoded_walk_of(walk_answers(agent, req, "msgpack"))
+
+
+def decoded_walk_of(bodies: list[bytes]) -> tuple[dict[bytes, list[tuple]], dict[bytes, int]]:
     listed: dict[bytes, list[tuple]] = {}
     errors: dict[bytes, int] = {}
     current = None
-    for body in walk_answers(agent, req, "msgpack"):
+    for body in bodies:
         for f in read_frames(io.BytesIO(body).read):
             if isinstance(f, DirFrame):
                 current = listed.setdefault(f.path, [])
