@@ -365,8 +365,8 @@ def entries_frame(count: int, items: bytes) -> bytes:
     """The msgpack ``entries`` frame of ``count`` entries already encoded and concatenated
     (by :func:`encode_entry_item`, or the agent's compiled read loop): the same bytes as
     :func:`encode_frame` gives for them."""
-    body = b"\x92\xa7entries" + _msgpack_array_header(count) + items
-    return _pack_len(len(body)) + body
+    head = b"\x92\xa7entries" + _msgpack_array_header(count)
+    return b"".join((_pack_len(len(head) + len(items)), head, items))
 
 
 @dataclass(frozen=True)

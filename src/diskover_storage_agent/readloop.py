@@ -67,17 +67,26 @@ def lone_entry(name: bytes, dir_fd: int, hint: str, inside: Optional[Inside]) ->
     return (name, kind, None, fields, None)
 
 
+def join(path: bytes, name: bytes) -> bytes:
+    """The remote path of ``name`` in the directory ``path``."""
+    return path + name if path.endswith(b"/") else path + b"/" + name
+
+
 class Chunks:
     """How one walk reads its directories: :meth:`open` a directory's fd (without taking
-    it), then :meth:`read` it until fewer than :data:`CHUNK` entries come back. A chunk
-    is ``(entries read, encoded frame or b"")``; the names of real directories among them
-    are appended to ``found``. Without exclusions (which need entries as tuples: see
-    :class:`~.filters.Filter`), the compiled loop is used when this process has it, for
-    ``names`` frames in any format and for entries with stat in msgpack."""
+    it), then :meth:`read` it (its fd, its remote path) until fewer than :data:`CHUNK`
+    entries come back. A chunk is ``(entries read, encoded frame or b"")``; the names of
+    real directories among them are appended to ``found``. ``stat_inside`` gives a
+    symlink's target stat (by remote path) when stat is asked for. Without exclusions
+    (which need entries as tuples: see :class:`~.filters.Filter`), the compiled loop is
+    used when this process has it, for ``names`` frames in any format and for entries
+    with stat in msgpack."""
 
-    def __init__(self, fmt: str, stat: bool, names: bool, compiled: Optional[bool] = None) -> None:
+    def __init__(self, fmt: str, stat: bool, names: bool, stat_inside: Inside,
+                 compiled: Optional[bool] = None) -> None:
         self.fmt = fmt
         self.stat = stat
+        self.stat_inside = stat_inside
         self.names = names and not stat
         if compiled is None:
             compiled = _readdir is not None
@@ -88,22 +97,27 @@ class Chunks:
         else:
             self.read = self._stat_c if self.compiled else self._entries_py
 
-    def _names_c(self, d: Any, fd: int, found: list[bytes], inside: Optional[Inside]) -> tuple[int, bytes]:
+    def _inside(self, path: bytes) -> Inside:
+        stat_inside = self.stat_inside
+        return lambda name: stat_inside(join(path, name))
+
+    def _names_c(self, d: Any, fd: int, path: bytes, found: list[bytes]) -> tuple[int, bytes]:
         read, blob, kinds, targets = d.names(CHUNK, found)
         return read, encode_frame(("names", blob, kinds, targets), self.fmt) if read else b""
 
-    def _names_py(self, it: Any, fd: int, found: list[bytes], inside: Optional[Inside]) -> tuple[int, bytes]:
+    def _names_py(self, it: Any, fd: int, path: bytes, found: list[bytes]) -> tuple[int, bytes]:
         read, blob, kinds, targets = read_names(it, fd, CHUNK, found)
         return read, encode_frame(("names", blob, kinds, targets), self.fmt) if read else b""
 
-    def _entries_py(self, it: Any, fd: int, found: list[bytes], inside: Optional[Inside]) -> tuple[int, bytes]:
-        entries = read_entries(it, fd, self.stat, CHUNK, found, inside)
+    def _entries_py(self, it: Any, fd: int, path: bytes, found: list[bytes]) -> tuple[int, bytes]:
+        entries = read_entries(it, fd, self.stat, CHUNK, found, self._inside(path) if self.stat else None)
         return len(entries), encode_frame(("entries", entries), self.fmt) if entries else b""
 
-    def _stat_c(self, d: Any, fd: int, found: list[bytes], inside: Optional[Inside]) -> tuple[int, bytes]:
+    def _stat_c(self, d: Any, fd: int, path: bytes, found: list[bytes]) -> tuple[int, bytes]:
         read, items, pending = d.stat_items(CHUNK, found)
         if pending is not None:
             parts = [items]
+            inside = self._inside(path)
             while pending is not None:
                 entry = lone_entry(pending[0], fd, pending[1], inside)
                 if entry[1] == KIND_DIR:
