@@ -225,7 +225,12 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "fast-name-bytes-stat", "the compiled stat loop writes a name's bytes from one byte on",
         "diskover_storage_agent/_readdir.c",
-        "        memcpy(b->data + b->len, name, len);", "        memcpy(b->data + b->len, name + (len > 1), len);",
+        "        memcpy(b->data + b->len, name, len);\n        b->len += len;\n"
+        "        b->data[b->len++] = (char)0xa1;\n"
+        "        b->data[b->len++] = kind;\n        b->data[b->len++] = (char)0xc0;  /* target: nil",
+        "        memcpy(b->data + b->len, name + (len > 1), len);\n        b->len += len;\n"
+        "        b->data[b->len++] = (char)0xa1;\n"
+        "        b->data[b->len++] = kind;\n        b->data[b->len++] = (char)0xc0;  /* target: nil",
         ("tests/test_read_loop.py::test_both_read_loops_answer_the_same_bytes[stat-msgpack]",
          "tests/test_walk.py::test_walk_entries_carry_exact_lstat[compiled]")),
     Mutation(
@@ -238,10 +243,16 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "fast-subdirs-stat", "the compiled stat loop reports no subdirectory (nothing below the top is walked)",
         "diskover_storage_agent/_readdir.c",
-        "if (kind == 'd' && spans_add(&self->subdirs, b->len, len) < 0) {",
-        "if (kind == 'D' && spans_add(&self->subdirs, b->len, len) < 0) {",
+        "target_stat] */\n        put_bin_header(b, len);\n        if (kind == 'd' && spans_add(",
+        "target_stat] */\n        put_bin_header(b, len);\n        if (kind == 'D' && spans_add(",
         ("tests/test_read_loop.py::test_both_read_loops_answer_the_same_bytes[stat-msgpack]",
          "tests/test_walk.py::test_walk_entries_carry_exact_lstat[compiled]")),
+    Mutation(
+        "fast-items-target", "the compiled loop of entries without stat gives no symlink's target",
+        "diskover_storage_agent/_readdir.c", "        if (target == '-') {  /* not a symlink",
+        "        if (target != 0) {  /* not a symlink",
+        ("tests/test_read_loop.py::test_both_read_loops_answer_the_same_bytes[entries-msgpack]",
+         "tests/test_read_loop.py::test_names_frames_and_entries_frames_tell_the_same[compiled]")),
     Mutation(
         "fast-dtype-unknown", "the compiled names loop calls every entry without d_type a file",
         "diskover_storage_agent/_readdir.c",

@@ -135,7 +135,7 @@ def both_agents(tricky_tree, start_agent, monkeypatch):
     return agents
 
 
-@pytest.mark.parametrize("what", ["names-msgpack", "names-ndjson", "stat-msgpack"])
+@pytest.mark.parametrize("what", ["names-msgpack", "names-ndjson", "entries-msgpack", "stat-msgpack"])
 def test_both_read_loops_answer_the_same_bytes(both_agents, what):
     """Byte for byte, answer after answer, following the frontier (one answer for the whole
     tree, and answers of at most about 50 entries): every frame, every name, kind, symlink

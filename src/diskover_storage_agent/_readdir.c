@@ -13,6 +13,10 @@
  *     ('-' when it dangles or loops). The names of real directories are appended to
  *     the list `subdirs` (bytes).
  *
+ * Dir.items(limit, subdirs) -> (count, items)
+ *     The same entries as msgpack-encoded wire entries without stat ([name, kind,
+ *     target, nil, nil], target nil unless a symlink that resolves), concatenated.
+ *
  * Dir.stat_items(limit, subdirs) -> (count, items, pending)
  *     Up to `limit` entries with lstat, as the msgpack encoding of `count` wire
  *     entries ([name, kind, nil, [13 stat fields], nil], byte for byte as msgspec
@@ -417,6 +421,22 @@ read_failed(int err)
     return PyErr_SetFromErrno(PyExc_OSError);
 }
 
+/* The kind of an entry without its stat, and for a symlink what it points to ('-' when it
+ * dangles or loops), in *target; as os.DirEntry's is_dir, is_file and is_symlink, and
+ * os.stat, tell them. Without the GIL. */
+static inline char
+entry_kind(DirObject *self, struct linux_dirent64 *de, char *target)
+{
+    struct stat st;
+    const char *name = de->d_name;
+    char kind = kind_of_dtype(de->d_type);
+    if (kind == 0)  /* d_type unknown: lstat it (an entry gone since readdir counts as a file) */
+        kind = fstatat(self->fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 ? kind_of_mode(st.st_mode) : 'f';
+    if (kind == 'l')
+        *target = fstatat(self->fd, name, &st, 0) == 0 ? kind_of_mode(st.st_mode) : '-';
+    return kind;
+}
+
 static PyObject *
 Dir_names(DirObject *self, PyObject *args)
 {
@@ -430,7 +450,6 @@ Dir_names(DirObject *self, PyObject *args)
     Py_ssize_t count = 0;
     int err = 0;
     Py_BEGIN_ALLOW_THREADS
-    struct stat st;
     while (count < limit) {
         struct linux_dirent64 *de = next_entry(self, &err);
         if (de == NULL)
@@ -439,9 +458,8 @@ Dir_names(DirObject *self, PyObject *args)
         if (is_dot(name))
             continue;
         size_t len = strlen(name);
-        char kind = kind_of_dtype(de->d_type);
-        if (kind == 0)  /* d_type unknown: lstat it (an entry gone since readdir counts as a file) */
-            kind = fstatat(self->fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 ? kind_of_mode(st.st_mode) : 'f';
+        char target = 0;
+        char kind = entry_kind(self, de, &target);
         if (BUF_RESERVE(&self->out, len + 1) < 0 || BUF_RESERVE(&self->kinds, 1) < 0
                 || BUF_RESERVE(&self->targets, 1) < 0) {
             err = -1;
@@ -457,8 +475,7 @@ Dir_names(DirObject *self, PyObject *args)
         self->out.len += len;
         self->kinds.data[self->kinds.len++] = kind;
         if (kind == 'l')
-            self->targets.data[self->targets.len++] =
-                fstatat(self->fd, name, &st, 0) == 0 ? kind_of_mode(st.st_mode) : '-';
+            self->targets.data[self->targets.len++] = target;
         count++;
     }
     Py_END_ALLOW_THREADS
@@ -470,6 +487,65 @@ Dir_names(DirObject *self, PyObject *args)
     return Py_BuildValue("ny#s#s#", count, BUF_DATA(&self->out), (Py_ssize_t)self->out.len,
                          BUF_DATA(&self->kinds), (Py_ssize_t)self->kinds.len,
                          BUF_DATA(&self->targets), (Py_ssize_t)self->targets.len);
+}
+
+static PyObject *
+Dir_items(DirObject *self, PyObject *args)
+{
+    Py_ssize_t limit;
+    PyObject *subdirs;
+    if (!PyArg_ParseTuple(args, "nO:items", &limit, &subdirs))
+        return NULL;
+    if (dir_enter(self, limit, subdirs) < 0)
+        return NULL;
+
+    Py_ssize_t count = 0;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    while (count < limit) {
+        struct linux_dirent64 *de = next_entry(self, &err);
+        if (de == NULL)
+            break;
+        const char *name = de->d_name;
+        if (is_dot(name))
+            continue;
+        size_t len = strlen(name);
+        char target = '-';
+        char kind = entry_kind(self, de, &target);
+        /* [name, kind, target, nil, nil]: array, bin header, kind, target, two nils */
+        Buf *b = &self->out;
+        if (BUF_RESERVE(b, len + 12) < 0) {
+            err = -1;
+            break;
+        }
+        b->data[b->len++] = (char)0x95;
+        put_bin_header(b, len);
+        if (kind == 'd' && spans_add(&self->subdirs, b->len, len) < 0) {
+            err = -1;
+            break;
+        }
+        memcpy(b->data + b->len, name, len);
+        b->len += len;
+        b->data[b->len++] = (char)0xa1;
+        b->data[b->len++] = kind;
+        if (target == '-') {  /* not a symlink, or one that dangles or loops */
+            b->data[b->len++] = (char)0xc0;
+        }
+        else {
+            b->data[b->len++] = (char)0xa1;
+            b->data[b->len++] = target;
+        }
+        b->data[b->len++] = (char)0xc0;
+        b->data[b->len++] = (char)0xc0;
+        count++;
+    }
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (err != 0)
+        return read_failed(err);
+    if (add_subdirs(self, subdirs) < 0)
+        return NULL;
+    return Py_BuildValue("ny#", count, BUF_DATA(&self->out), (Py_ssize_t)self->out.len);
 }
 
 /* Largest encoded item besides its name: array, bin header, kind, nil target,
@@ -596,6 +672,8 @@ Dir_exit(DirObject *self, PyObject *Py_UNUSED(args))
 static PyMethodDef Dir_methods[] = {
     {"names", (PyCFunction)Dir_names, METH_VARARGS,
      "names(limit, subdirs) -> (count, names, kinds, targets): the fields of a names frame."},
+    {"items", (PyCFunction)Dir_items, METH_VARARGS,
+     "items(limit, subdirs) -> (count, items): msgpack-encoded wire entries without stat."},
     {"stat_items", (PyCFunction)Dir_stat_items, METH_VARARGS,
      "stat_items(limit, subdirs) -> (count, items, pending): msgpack-encoded wire entries with lstat."},
     {"close", (PyCFunction)Dir_close, METH_NOARGS, "Free the buffers (idempotent); the fd stays open."},

@@ -79,8 +79,8 @@ class Chunks:
     real directories among them are appended to ``found``. ``stat_inside`` gives a
     symlink's target stat (by remote path) when stat is asked for. Without exclusions
     (which need entries as tuples: see :class:`~.filters.Filter`), the compiled loop is
-    used when this process has it, for ``names`` frames in any format and for entries
-    with stat in msgpack."""
+    used when this process has it, for ``names`` frames in any format and for ``entries``
+    frames in msgpack."""
 
     def __init__(self, fmt: str, stat: bool, names: bool, stat_inside: Inside,
                  compiled: Optional[bool] = None) -> None:
@@ -90,12 +90,14 @@ class Chunks:
         self.names = names and not stat
         if compiled is None:
             compiled = _readdir is not None
-        self.compiled = compiled and (self.names or (stat and fmt == "msgpack"))
+        self.compiled = compiled and (self.names or fmt == "msgpack")
         self.open: Callable[[int], AbstractContextManager[Any]] = _readdir.Dir if self.compiled else os.scandir
         if self.names:
             self.read = self._names_c if self.compiled else self._names_py
+        elif not self.compiled:
+            self.read = self._entries_py
         else:
-            self.read = self._stat_c if self.compiled else self._entries_py
+            self.read = self._stat_c if stat else self._items_c
 
     def _inside(self, path: bytes) -> Inside:
         stat_inside = self.stat_inside
@@ -112,6 +114,10 @@ class Chunks:
     def _entries_py(self, it: Any, fd: int, path: bytes, found: list[bytes]) -> tuple[int, bytes]:
         entries = read_entries(it, fd, self.stat, CHUNK, found, self._inside(path) if self.stat else None)
         return len(entries), encode_frame(("entries", entries), self.fmt) if entries else b""
+
+    def _items_c(self, d: Any, fd: int, path: bytes, found: list[bytes]) -> tuple[int, bytes]:
+        read, items = d.items(CHUNK, found)
+        return read, entries_frame(read, items) if read else b""
 
     def _stat_c(self, d: Any, fd: int, path: bytes, found: list[bytes]) -> tuple[int, bytes]:
         read, items, pending = d.stat_items(CHUNK, found)
