@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -102,6 +103,36 @@ def agent_starter() -> Iterator:
 
 
 start_agent = pytest.fixture(agent_starter, name="start_agent")
+
+#: The agent reads directories in pure Python when this is set (see readloop.py).
+PURE_ENV = "DISKOVER_AGENT_PURE"
+READ_LOOPS = ("compiled", "pure")
+
+
+def compiled_read_loop_built() -> bool:
+    """Whether the install built the agent's optional compiled read loop (a C compiler was found)."""
+    return importlib.util.find_spec("diskover_storage_agent._readdir") is not None
+
+
+@pytest.fixture(params=READ_LOOPS)
+def read_loop(request, monkeypatch) -> str:
+    """Agents the test starts use this read loop (the environment they inherit says which);
+    check it with :func:`assert_read_loop`. ``compiled`` is skipped where it was not built
+    (tests/test_read_loop.py fails in CI then)."""
+    if request.param == "compiled":
+        if not compiled_read_loop_built():
+            pytest.skip("the compiled read loop was not built (no C compiler at install time)")
+        monkeypatch.delenv(PURE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(PURE_ENV, "1")
+    return request.param
+
+
+def assert_read_loop(agent: Agent, read_loop: str) -> None:
+    """The agent says at start which read loop it uses: the one the test asked for."""
+    said = [line for line in agent.log if " read loop: " in line]
+    assert len(said) == 1, agent.log
+    assert said[0].rstrip().endswith("read loop: " + {"compiled": "compiled", "pure": "pure Python"}[read_loop])
 
 
 def wait_for(predicate, timeout: float = 15.0, what: str = "condition"):

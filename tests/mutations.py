@@ -254,6 +254,69 @@ MUTATIONS: list[Mutation] = [
              "                    if self.on_error is not None:\n                        self.on_error(d.path, err)",
              "                    pass",
              ("tests/test_client_cli_dataset.py::test_walk_parquet_unreadable_directories_are_error_rows",)),
+    # -- fast: the agent's read loop (the compiled one is rebuilt for rows that break it) ------
+    Mutation(
+        "fast-names-kind", "the compiled names loop calls a fifo a file", "diskover_storage_agent/_readdir.c",
+        "case DT_FIFO: return 'p';", "case DT_FIFO: return 'f';",
+        ("tests/test_read_loop.py::test_both_read_loops_answer_the_same_bytes[names-msgpack]",
+         "tests/test_read_loop.py::test_names_frames_and_entries_frames_tell_the_same[compiled]")),
+    Mutation(
+        "fast-symlink-target", "the compiled names loop gives a dangling symlink's target as a file",
+        "diskover_storage_agent/_readdir.c",
+        "fstatat(self->fd, name, &st, 0) == 0 ? kind_of_mode(st.st_mode) : '-';",
+        "fstatat(self->fd, name, &st, 0) == 0 ? kind_of_mode(st.st_mode) : 'f';",
+        ("tests/test_read_loop.py::test_both_read_loops_answer_the_same_bytes[names-msgpack]",
+         "tests/test_read_loop.py::test_names_frames_and_entries_frames_tell_the_same[compiled]")),
+    Mutation(
+        "fast-name-bytes", "the compiled names loop cuts a name at its first newline",
+        "diskover_storage_agent/_readdir.c",
+        "        memcpy(self->out.data + self->out.len, name, len);\n        self->out.len += len;",
+        "        len = strcspn(name, \"\\n\");\n        memcpy(self->out.data + self->out.len, name, len);\n"
+        "        self->out.len += len;",
+        ("tests/test_read_loop.py::test_both_read_loops_answer_the_same_bytes[names-msgpack]",
+         "tests/test_read_loop.py::test_names_frames_and_entries_frames_tell_the_same[compiled]")),
+    Mutation(
+        "fast-name-bytes-stat", "the compiled stat loop writes a name's bytes from one byte on",
+        "diskover_storage_agent/_readdir.c",
+        "        memcpy(b->data + b->len, name, len);\n        b->len += len;\n"
+        "        b->data[b->len++] = (char)0xa1;\n"
+        "        b->data[b->len++] = kind;\n        b->data[b->len++] = (char)0xc0;  /* target: nil",
+        "        memcpy(b->data + b->len, name + (len > 1), len);\n        b->len += len;\n"
+        "        b->data[b->len++] = (char)0xa1;\n"
+        "        b->data[b->len++] = kind;\n        b->data[b->len++] = (char)0xc0;  /* target: nil",
+        ("tests/test_read_loop.py::test_both_read_loops_answer_the_same_bytes[stat-msgpack]",
+         "tests/test_walk.py::test_walk_entries_carry_exact_lstat[compiled]")),
+    Mutation(
+        "fast-subdirs-names", "the compiled names loop reports no subdirectory (nothing below the top is walked)",
+        "diskover_storage_agent/_readdir.c",
+        "if (kind == 'd' && spans_add(&self->subdirs, self->out.len, len) < 0) {",
+        "if (kind == 'D' && spans_add(&self->subdirs, self->out.len, len) < 0) {",
+        ("tests/test_read_loop.py::test_both_read_loops_answer_the_same_bytes[names-msgpack]",
+         "tests/test_read_loop.py::test_names_frames_and_entries_frames_tell_the_same[compiled]")),
+    Mutation(
+        "fast-subdirs-stat", "the compiled stat loop reports no subdirectory (nothing below the top is walked)",
+        "diskover_storage_agent/_readdir.c",
+        "target_stat] */\n        put_bin_header(b, len);\n        if (kind == 'd' && spans_add(",
+        "target_stat] */\n        put_bin_header(b, len);\n        if (kind == 'D' && spans_add(",
+        ("tests/test_read_loop.py::test_both_read_loops_answer_the_same_bytes[stat-msgpack]",
+         "tests/test_walk.py::test_walk_entries_carry_exact_lstat[compiled]")),
+    Mutation(
+        "fast-items-target", "the compiled loop of entries without stat gives no symlink's target",
+        "diskover_storage_agent/_readdir.c", "        if (target == '-') {  /* not a symlink",
+        "        if (target != 0) {  /* not a symlink",
+        ("tests/test_read_loop.py::test_both_read_loops_answer_the_same_bytes[entries-msgpack]",
+         "tests/test_read_loop.py::test_names_frames_and_entries_frames_tell_the_same[compiled]")),
+    Mutation(
+        "fast-dtype-unknown", "the compiled names loop calls every entry without d_type a file",
+        "diskover_storage_agent/_readdir.c",
+        "kind = fstatat(self->fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 ? kind_of_mode(st.st_mode) : 'f';",
+        "kind = 'f';",
+        ("tests/test_read_loop.py::test_both_read_loops_agree_without_d_type",)),
+    Mutation(
+        "fast-handback-dropped", "symlinks the compiled stat loop hands back are left out of the frame",
+        "diskover_storage_agent/readloop.py", "                parts.append(encode_entry_item(entry))\n", "",
+        ("tests/test_read_loop.py::test_both_read_loops_answer_the_same_bytes[stat-msgpack]",
+         "tests/test_walk.py::test_walk_entries_carry_exact_lstat[compiled]")),
 ]
 
 
@@ -268,6 +331,33 @@ def _pytest(tests: tuple[str, ...], src: Path, timeout: float) -> tuple[int, str
     return done.returncode, tail[0]
 
 
+#: The optional C extension (the agent's compiled read loop), built in place in a scratch copy.
+C_SOURCE = "diskover_storage_agent/_readdir.c"
+
+
+def _build_c(src: Path) -> None:
+    """Build the scratch copy's compiled read loop from its (maybe broken) C source, with the
+    repository's setup.py; the copy of the repository's own build is removed first, so a row
+    never runs against the unbroken one. Exits when it does not build."""
+    for old in (src / "diskover_storage_agent").glob("_readdir*.so"):
+        old.unlink()
+    root = src.parent
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, root / name)
+    done = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--build-temp",
+                           str(root / "build")], cwd=root, capture_output=True, text=True)
+    if not list((src / "diskover_storage_agent").glob("_readdir*.so")):
+        sys.exit(f"mutations: the compiled read loop did not build in {root}:\n{done.stdout}{done.stderr}")
+
+
+def _copy_src(tmp: str) -> Path:
+    """A scratch copy of ``src/`` (with the repository's build of the compiled read loop)."""
+    src = Path(tmp) / "src"
+    shutil.copytree(REPO / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    _check_import_path(src)
+    return src
+
+
 def _check_import_path(src: Path) -> None:
     """The scratch copy must shadow the installed package, or no row means anything."""
     env = dict(os.environ, PYTHONPATH=str(src))
@@ -280,14 +370,14 @@ def _check_import_path(src: Path) -> None:
 
 def run(mutation: Mutation, timeout: float) -> tuple[str, str]:
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
-        src = Path(tmp) / "src"
-        shutil.copytree(REPO / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        _check_import_path(src)
+        src = _copy_src(tmp)
         target = src / mutation.file
         text = target.read_text()
         if text.count(mutation.old) != 1:
             return "stale", f"{mutation.file}: the text to break occurs {text.count(mutation.old)} times"
         target.write_text(text.replace(mutation.old, mutation.new))
+        if mutation.file == C_SOURCE:
+            _build_c(src)
         rc, tail = _pytest(mutation.tests, src, timeout)
     if rc == 0:
         return "MISSED", tail
@@ -312,8 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     for m in rows:
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="mutation-base-") as tmp:
-            src = Path(tmp) / "src"
-            shutil.copytree(REPO / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            src = _copy_src(tmp)
+            if m.file == C_SOURCE:
+                _build_c(src)
             base_rc, base_tail = _pytest(m.tests, src, args.timeout)
         if base_rc != 0:
             verdict, tail = "broken", base_tail

@@ -19,6 +19,7 @@ from conftest import (
     OWNERS,
     REMOTE,
     as_bytes_rows,
+    assert_read_loop,
     assert_same_stat,
     atime_is_stable,
     reference_walk,
@@ -39,9 +40,12 @@ def error_set(errors):
 MODES = ["subtree", "listdir"]
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_awkward_tree_through_one_agent(awkward_tree, start_agent, mode):
+@pytest.mark.parametrize(("mode", "read_loop"), [("subtree", "compiled"), ("subtree", "pure"), ("listdir", "pure")],
+                         indirect=["read_loop"])
+def test_awkward_tree_through_one_agent(awkward_tree, start_agent, mode, read_loop):
+    """(Listings of one directory do not use the walk's read loop: one case for them.)"""
     agent = start_agent([(REMOTE, str(awkward_tree))], nocaps=True)
+    assert_read_loop(agent, read_loop)
     expected, expected_errors = reference_walk(awkward_tree)
     rows, errors = walk_collect(REMOTE, hosts=[agent.hostspec], workers=8, mode=mode)
     assert as_bytes_rows(rows) == expected
@@ -123,8 +127,9 @@ def assert_fields_told_apart(seen: dict, nentries: int) -> None:
     assert seen["atime_checked"] >= seen["files"] >= 4
 
 
-def test_walk_entries_carry_exact_lstat(awkward_tree, start_agent):
+def test_walk_entries_carry_exact_lstat(awkward_tree, start_agent, read_loop):
     agent = start_agent([(REMOTE, str(awkward_tree))])
+    assert_read_loop(agent, read_loop)
     top = os.fsencode(awkward_tree)
     before = settle_atimes(awkward_tree)
     entries = []

@@ -338,20 +338,35 @@ def encode_path_item(path: bytes, fmt: str) -> bytes:
     return _msgpack_encode(path) if fmt == "msgpack" else _json_encode(_json_name(path))
 
 
+def _msgpack_array_header(count: int) -> bytes:
+    if count < 16:
+        return bytes([0x90 | count])
+    if count < 1 << 16:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
 def end_frame_pieces(count: int, items_size: int, fmt: str) -> tuple[bytes, bytes, bytes]:
     """``(head, separator, tail)`` of an ``end`` frame whose ``count`` frontier paths,
     encoded by :func:`encode_path_item`, take ``items_size`` bytes: the frame is
     ``head``, the items joined by ``separator``, then ``tail``."""
     if fmt != "msgpack":
         return b'["end",[', b",", b"]]\n"
-    if count < 16:
-        array = bytes([0x90 | count])
-    elif count < 1 << 16:
-        array = b"\xdc" + count.to_bytes(2, "big")
-    else:
-        array = b"\xdd" + count.to_bytes(4, "big")
-    body = b"\x92\xa3end" + array
+    body = b"\x92\xa3end" + _msgpack_array_header(count)
     return _pack_len(len(body) + items_size) + body, b"", b""
+
+
+def encode_entry_item(entry: Sequence[Any]) -> bytes:
+    """One wire entry in msgpack, as an element of an ``entries`` frame written in pieces."""
+    return _msgpack_encode(entry)
+
+
+def entries_frame(count: int, items: bytes) -> bytes:
+    """The msgpack ``entries`` frame of ``count`` entries already encoded and concatenated
+    (by :func:`encode_entry_item`, or the agent's compiled read loop): the same bytes as
+    :func:`encode_frame` gives for them."""
+    head = b"\x92\xa7entries" + _msgpack_array_header(count)
+    return b"".join((_pack_len(len(head) + len(items)), head, items))
 
 
 @dataclass(frozen=True)

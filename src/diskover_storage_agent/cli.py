@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import resource
 import sys
@@ -33,6 +34,7 @@ from .config import (
     tls_context,
 )
 from .observability import setup_logging
+from .readloop import READ_LOOP
 from .server import serve
 
 
@@ -163,6 +165,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"diskover-storage-agent: error: {exc}", file=sys.stderr)
         return 2
     _raise_open_files_limit()
+    logging.getLogger("diskover_storage_agent").info("read loop: %s", READ_LOOP)
     try:
         import uvloop  # optional extra: a faster event loop
     except ImportError:

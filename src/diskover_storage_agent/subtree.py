@@ -38,7 +38,9 @@ from diskover_agent.protocol import (
 
 from .exports import BadPath, ExportTable, IsSymlink, split_path
 from .filters import Filter
-from .listing import CHUNK, dir_stat, names_fields, read_entries, read_names
+from .listing import CHUNK, dir_stat, names_fields, read_entries
+from .readloop import Chunks
+from .readloop import join as _join
 
 _OPEN_CHILD = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Bytes of encoded frames gathered before a chunk goes out.
@@ -54,10 +56,6 @@ MAX_DEPTH = 32
 #: for its Python object); the subdirectories found past it go to the frontier at once.
 DESCENT_BYTES = 1024 * 1024
 _NAME_COST = 48
-
-
-def _join(path: bytes, name: bytes) -> bytes:
-    return path + name if path.endswith(b"/") else path + b"/" + name
 
 
 def validate(req: WalkRequest) -> Optional[str]:
@@ -189,6 +187,9 @@ class SubtreeWalk:
         self._kept = 0
         self._frontier = Frontier(fmt, req.frontier_frames)
         self._filter = Filter.of(req.exclude_dirs, req.exclude_files, req.one_fs)
+        #: The read loop, when no exclusions apply (see :meth:`_filtered`).
+        self._chunks = (Chunks(fmt, req.stat, req.names_frames, exports.stat_inside)
+                        if self._filter is None else None)
 
     def read(self) -> bytes:
         parts: list[bytes] = []
@@ -278,38 +279,25 @@ class SubtreeWalk:
         subdirs: list[bytes] = []
         kept = 0
         pushed = False
-        filter = self._filter
         frontier = self._frontier
         descend = len(self._stack) + 1 < MAX_DEPTH
-        names = self.req.names_frames and not self.req.stat
-        stat_inside = self.exports.stat_inside
-
-        def inside(name: bytes) -> Optional[os.stat_result]:
-            return stat_inside(_join(path, name))
-
+        chunks = self._chunks
         frontier.begin()
+        head = b""  # the dir frame, sent with the directory's first chunk (or its error)
         try:
-            yield self._encode(("dir", path, dir_stat(fd, self.req.stat)))
-            with os.scandir(fd) as it:
+            head = self._encode(("dir", path, dir_stat(fd, self.req.stat) if self.req.stat else None))
+            with (os.scandir(fd) if chunks is None else chunks.open(fd)) as it:
                 while True:
                     found: list[bytes] = []
-                    if names and filter is None:
-                        read, blob, kinds, targets = read_names(it, fd, CHUNK, found)
-                        self.entries += read
-                        if read:
-                            yield self._encode(("names", blob, kinds, targets))
+                    if chunks is None:
+                        read, frame = self._filtered(it, fd, path, found)
                     else:
-                        if filter is None:
-                            entries = read_entries(it, fd, self.req.stat, CHUNK, found, inside)
-                            read = len(entries)
-                        else:
-                            entries = read_entries(it, fd, self.req.stat, CHUNK, None, inside)
-                            read = len(entries)
-                            entries = filter.apply(entries, path, fd)
-                            found = [e[0] for e in entries if e[1] == KIND_DIR]
-                        self.entries += len(entries)
-                        if entries:
-                            yield self._encode(("names", *names_fields(entries)) if names else ("entries", entries))
+                        read, frame = chunks.read(it, fd, path, found)
+                        self.entries += read
+                    if head:
+                        frame, head = head + frame, b""
+                    if frame:
+                        yield frame
                     room = DESCENT_BYTES - self._kept - kept if descend else 0
                     overflow: list[bytes] = []
                     for name in found:
@@ -326,7 +314,7 @@ class SubtreeWalk:
                         break
         except OSError as exc:
             frontier.rollback()
-            yield self._error(exc)
+            yield head + self._error(exc)
         else:
             if subdirs:
                 subdirs.sort(reverse=True)  # pop() then takes them in name order, as dirs is sorted
@@ -336,6 +324,21 @@ class SubtreeWalk:
         finally:
             if not pushed:
                 os.close(fd)
+
+    def _filtered(self, it: Iterator[os.DirEntry], fd: int, path: bytes, found: list[bytes]) -> tuple[int, bytes]:
+        """A chunk of a directory under exclusions: its entries read, and the frame of
+        those that survive (counted in ``entries``; their subdirectories appended to ``found``)."""
+        assert self._filter is not None
+        stat_inside = self.exports.stat_inside
+        entries = read_entries(it, fd, self.req.stat, CHUNK, None, lambda name: stat_inside(_join(path, name)))
+        read = len(entries)
+        entries = self._filter.apply(entries, path, fd)
+        found += [e[0] for e in entries if e[1] == KIND_DIR]
+        self.entries += len(entries)
+        if not entries:
+            return read, b""
+        names = self.req.names_frames and not self.req.stat
+        return read, self._encode(("names", *names_fields(entries)) if names else ("entries", entries))
 
 
 def decode_request(body: bytes, content_type: str) -> WalkRequest:
