@@ -78,20 +78,30 @@ def _split_names(typed: Callable[[bytes], Any]) -> Callable[[Any, _Dir], Split]:
         names = d.names
         if names is None:  # entries frames (per-directory mode, or an agent without names frames)
             entries = d.entries
+            if not entries:
+                return [], [], _NO_LINKS
             names = _names_of(typed, entries)
             kinds = "".join([e.kind for e in entries])
             targets = "".join([e.target or "-" for e in entries if e.kind == KIND_SYMLINK])
         else:
             kinds = d.kinds
             targets = d.targets
-        if not names:
-            return [], [], _NO_LINKS
-        flags = kinds.encode("ascii")
         if KIND_SYMLINK not in kinds:
-            dirs = list(compress(names, flags.translate(_DIR_FLAGS)))
-            return dirs, list(compress(names, flags.translate(_FILE_FLAGS))), _NO_LINKS
+            count = kinds.count(KIND_DIR)
+            if not count:
+                return [], names, _NO_LINKS
+            if count > 3:
+                dirs = list(compress(names, kinds.encode("ascii").translate(_DIR_FLAGS)))
+                return dirs, list(compress(names, kinds.encode("ascii").translate(_FILE_FLAGS))), _NO_LINKS
+            at = [kinds.index(KIND_DIR)]  # a few directories: found with C-level searches
+            while len(at) < count:
+                at.append(kinds.index(KIND_DIR, at[-1] + 1))
+            files = names[:]
+            for i in reversed(at):
+                del files[i]
+            return [names[i] for i in at], files, _NO_LINKS
         dirs = []
-        files: list[Any] = []
+        files = []
         links = set()
         link_targets = iter(targets)
         for name, kind in zip(names, kinds, strict=True):
