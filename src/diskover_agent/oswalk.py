@@ -29,7 +29,8 @@ from __future__ import annotations
 import collections
 import os
 from collections.abc import Callable, Iterator, Sequence
-from itertools import compress
+from itertools import compress, repeat
+from operator import attrgetter
 from typing import Any, AnyStr, Optional, Union
 
 from .entry import AgentDirEntry
@@ -63,11 +64,13 @@ def _parent_key(path: bytes) -> bytes:
 _DIR_FLAGS = bytes(int(c == ord(KIND_DIR)) for c in range(256))
 _FILE_FLAGS = bytes(int(c not in (ord(KIND_DIR), ord(KIND_SYMLINK))) for c in range(256))
 _NO_LINKS: frozenset[Any] = frozenset()
+_kind = attrgetter("kind")
+_entry_name = attrgetter("name")
 
 
 def _names_of(typed: Callable[[bytes], Any], entries: list[Entry]) -> list[Any]:
     """The names of ``entries``, typed: for text, decoded in one call (as ``os.fsdecode``)."""
-    names = [e.name for e in entries]
+    names = list(map(_entry_name, entries))
     if typed is os.fsdecode and names:
         return b"\0".join(names).decode(FS_ENCODING, FS_ERRORS).split("\0")
     return names
@@ -81,7 +84,7 @@ def _split_names(typed: Callable[[bytes], Any]) -> Callable[[Any, _Dir], Split]:
             if not entries:
                 return [], [], _NO_LINKS
             names = _names_of(typed, entries)
-            kinds = "".join([e.kind for e in entries])
+            kinds = "".join(map(_kind, entries))
             targets = "".join([e.target or "-" for e in entries if e.kind == KIND_SYMLINK])
         else:
             kinds = d.kinds
@@ -118,19 +121,27 @@ def _split_names(typed: Callable[[bytes], Any]) -> Callable[[Any, _Dir], Split]:
 
 def _split_entries(typed: Callable[[bytes], Any]) -> Callable[[Any, _Dir], Split]:
     def split(root: Any, d: _Dir) -> Split:
-        dirs: list[AgentDirEntry] = []
-        files: list[AgentDirEntry] = []
-        links = set()
         entries = d.entries
-        for e, name in zip(entries, _names_of(typed, entries), strict=True):
-            kind = e.kind
-            if kind == KIND_DIR:
-                dirs.append(AgentDirEntry(root, name, e))
-            elif kind == KIND_SYMLINK and e.target == KIND_DIR:
-                dirs.append(AgentDirEntry(root, name, e))
-                links.add(name)
+        if not entries:
+            return [], [], _NO_LINKS
+        made = list(map(AgentDirEntry, repeat(root), _names_of(typed, entries), entries))
+        kinds = "".join(map(_kind, entries))
+        if KIND_SYMLINK not in kinds:
+            if KIND_DIR not in kinds:
+                return [], made, _NO_LINKS
+            flags = kinds.encode("ascii")
+            dirs = list(compress(made, flags.translate(_DIR_FLAGS)))
+            return dirs, list(compress(made, flags.translate(_FILE_FLAGS))), _NO_LINKS
+        dirs = []
+        files = []
+        links = set()
+        for x in made:
+            if x.is_dir():
+                dirs.append(x)
+                if x.is_symlink():
+                    links.add(x.name)
             else:
-                files.append(AgentDirEntry(root, name, e))
+                files.append(x)
         return dirs, files, links
     return split
 
