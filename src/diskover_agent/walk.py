@@ -278,7 +278,7 @@ class Walker:
         #: directory per request.
         self._threads: list[threading.Thread] = []
         self._lanes = workers if mode == "listdir" else min(workers, SUBTREE_PER_HOST * len(self.hosts.addresses))
-        self._started = False
+        self._start_lock = threading.Lock()
 
     # -- the generator side ----------------------------------------------------------
 
@@ -319,10 +319,9 @@ class Walker:
 
     def _start(self, n: int) -> None:
         """Run ``n`` worker threads in all (never more than ``workers``)."""
-        with self._cond:
+        with self._start_lock:  # not _cond: each thread starts working as soon as it starts
             if self._stopping:
                 return
-            self._started = True
             while len(self._threads) < min(n, self.workers):
                 t = threading.Thread(target=self._worker, name=f"diskover-walk-{len(self._threads)}", daemon=True)
                 with self._results_ready:
@@ -362,7 +361,7 @@ class Walker:
             self._host_free.notify_all()
         for conn in list(self._conns):
             conn.abort()
-        with self._cond:
+        with self._start_lock:
             threads = list(self._threads)
         for t in threads:
             if t.is_alive():
