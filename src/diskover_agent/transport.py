@@ -300,28 +300,28 @@ class AgentHTTP:
             current = b""  # the directory being listed
             seen: Optional[set[Any]] = None  # its names so far
             bulk = False  # whether its entries came in names frames
-            for frame in _frames(resp):
-                if isinstance(frame, NamesFrame):
-                    if not names_ok or (seen is not None and not bulk):
-                        raise AgentProtocolError(f"a names frame the request did not ask for (listing of {current!r})")
-                    try:
+            try:
+                for frame in read_frame_blocks(_body_reader(resp)):
+                    if isinstance(frame, NamesFrame):
+                        if not names_ok or (seen is not None and not bulk):
+                            raise ProtocolError("a names frame the request did not ask for")
                         names, seen = decode_names(frame, text, seen)
-                    except ProtocolError as exc:
-                        raise AgentProtocolError(f"{exc} (listing of {current!r})") from None
-                    bulk = True
-                    yield Names(names, frame.kinds, frame.targets)
-                    continue
-                if isinstance(frame, EntriesFrame):
-                    if bulk:
-                        raise AgentProtocolError(f"entries and names frames in one directory ({current!r})")
-                    if seen is None:
-                        seen = set()
-                    problem = check_names(frame.entries, seen)
-                    if problem:
-                        raise AgentProtocolError(f"{problem} (listing of {current!r})")
-                elif isinstance(frame, DirFrame):
-                    current, seen, bulk = frame.path, None, False
-                yield frame
+                        bulk = True
+                        yield Names(names, frame.kinds, frame.targets)
+                        continue
+                    if isinstance(frame, EntriesFrame):
+                        if bulk:
+                            raise ProtocolError("entries and names frames in one directory")
+                        if seen is None:
+                            seen = set()
+                        problem = check_names(frame.entries, seen)
+                        if problem:
+                            raise ProtocolError(problem)
+                    elif isinstance(frame, DirFrame):
+                        current, seen, bulk = frame.path, None, False
+                    yield frame
+            except ProtocolError as exc:
+                raise AgentProtocolError(f"{exc} (listing of {current!r})") from None
             self._finish(resp)
         except BaseException:
             self.close()
