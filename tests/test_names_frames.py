@@ -38,11 +38,13 @@ class Front(FrontServer):
     """Forwards to a real agent. It refuses a walk request holding any of ``unknown`` with a
     400 naming the first, as an agent that predates those fields does (its decoder forbids
     unknown fields); it records the walk requests it served and the frame tags of their
-    answers; ``change`` may rewrite an answer's frames (returns None to leave it alone)."""
+    answers; with ``no_subtree`` it has no walk endpoint at all; ``change`` may rewrite an
+    answer's frames (returns None to leave it alone)."""
 
     def __init__(self, upstream_port: int, unknown: tuple[str, ...] = (),
-                 change: Optional[Callable[[Frames], Optional[Frames]]] = None) -> None:
+                 change: Optional[Callable[[Frames], Optional[Frames]]] = None, no_subtree: bool = False) -> None:
         self.unknown = unknown
+        self.no_subtree = no_subtree
         self.change = change
         self.refused = 0
         self.tampered = 0
@@ -53,6 +55,8 @@ class Front(FrontServer):
     async def handle(self, request: web.BaseRequest) -> web.Response:
         body = await request.read()
         walk = request.raw_path.startswith("/_agent/v1/walk")
+        if walk and self.no_subtree:  # as an agent that predates the subtree walk
+            return web.Response(status=404, text="no such endpoint", headers={PROTOCOL_HEADER: "1"})
         if walk:
             fields = msgspec.msgpack.decode(body)
             newer = [f for f in fields if f in self.unknown]
@@ -333,5 +337,19 @@ def test_per_directory_walk_runs_its_workers(awkward_tree, front):
     most = 0
     for _row in parallel_walk(REMOTE, hosts=[f.hostspec], workers=6, mode="listdir"):
         most = max(most, len(set(walk_threads()) - before))
+    assert most == 6
+    assert set(walk_threads()) - before == set()
+
+
+def test_walk_through_an_agent_without_subtree_runs_its_workers(awkward_tree, front):
+    """Auto mode: the agent lists one directory per request, so every worker gets a thread."""
+    f = front(no_subtree=True)
+    before = set(walk_threads())
+    most = 0
+    rows = []
+    for row in parallel_walk(REMOTE, hosts=[f.hostspec], workers=6):
+        most = max(most, len(set(walk_threads()) - before))
+        rows.append(row)
+    assert as_bytes_rows(rows) == reference_walk(awkward_tree)[0]
     assert most == 6
     assert set(walk_threads()) - before == set()
