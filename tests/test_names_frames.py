@@ -104,7 +104,7 @@ def errors_of(errors: list[OSError]) -> list:
     return sorted((e.errno, os.fsencode(e.filename)) for e in errors)
 
 
-@pytest.mark.parametrize("top", [REMOTE, os.fsencode(REMOTE)])
+@pytest.mark.parametrize("top", [REMOTE, os.fsencode(REMOTE)], ids=["str", "bytes"])
 def test_names_walk_reads_names_frames_exactly(awkward_tree, front, top):
     f = front()
     expected, expected_errors = reference_walk(awkward_tree)
