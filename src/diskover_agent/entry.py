@@ -6,8 +6,6 @@ import errno
 import os
 from typing import AnyStr, Generic, Optional
 
-import msgspec
-
 from .protocol import KIND_DIR, KIND_FILE, KIND_SYMLINK, Entry, StatFields
 
 
@@ -24,16 +22,16 @@ def make_stat(fields: StatFields) -> os.stat_result:
     ))
 
 
-class AgentDirEntry(msgspec.Struct, Generic[AnyStr], eq=False, gc=False):
-    """One entry of a remote directory; no method makes a network request.
+class AgentDirEntry(Generic[AnyStr]):
+    """One entry of a remote directory; no method makes a network request."""
 
-    ``AgentDirEntry(dirpath, name, entry)``; a ``msgspec.Struct``, so that a walk
-    makes one for each entry in a few C-level steps."""
+    __slots__ = ("_dirpath", "_entry", "_stat", "name")
 
-    _dirpath: AnyStr
-    name: AnyStr
-    _entry: Entry
-    _stat: Optional[os.stat_result] = None
+    def __init__(self, dirpath: AnyStr, name: AnyStr, entry: Entry) -> None:
+        self.name: AnyStr = name
+        self._dirpath = dirpath
+        self._entry = entry
+        self._stat: Optional[os.stat_result] = None
 
     @property
     def path(self) -> AnyStr:
