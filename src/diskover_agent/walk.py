@@ -1,13 +1,15 @@
 """The engine behind ``parallel_walk``: ``os.walk`` through many agents at once.
 
-The engine is a work queue of directory paths over hosts. ``workers`` threads each
-take a batch of paths, send it to the next healthy host and stream back every
-directory the agent lists below them (the subtree protocol: the agent walks up to
-a budget and answers the frontier it did not reach), or, against an agent without
-it, list one directory per request. Each directory goes to the generator as soon
-as it is complete; directories found but not listed go back on the queue. When a
-request breaks off, whatever it had not completed is queued again, so nothing is
-lost, and nothing that was completed is listed twice.
+The engine is a work queue of directory paths over hosts. Worker threads (as many as
+can have a request in flight: ``SUBTREE_PER_HOST`` per host for subtree requests, up
+to ``workers`` once a host lists one directory per request) each take a batch of
+paths, send it to the next healthy host and stream back every directory the agent
+lists below them (the subtree protocol: the agent walks up to a budget and answers
+the frontier it did not reach), or, against an agent without it, list one directory
+per request. The directories each block of an answer completes go to the generator
+in one batch; directories found but not listed go back on the queue. When a request
+breaks off, whatever it had not completed is queued again, so nothing is lost, and
+nothing that was completed is listed twice.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import compress
 from typing import Any, Optional, Union
+
+import msgspec
 
 from .backoff import Backoff
 from .connection import parse_hosts
@@ -151,25 +155,22 @@ class _Hosts:
             self.last_ok = time.monotonic()
 
 
-class _Dir:
+class _Dir(msgspec.Struct, gc=False):
     """One completed directory on its way to the generator; ``skipped``: a path the walk
     found that is a symlink now, so neither listed nor an error (as ``os.walk``).
 
     Its entries are ``entries``, or, when they came in ``names`` frames, ``names`` (in
     the walk's type: ``str`` for a walk whose top is ``str``), ``kinds`` (one letter per
-    name) and ``targets`` (one letter per symlink); ``entries`` is then made when read."""
+    name) and ``targets`` (one letter per symlink); ``entries`` is then made when read.
+    (A ``msgspec.Struct``: made in C, one per directory.)"""
 
-    __slots__ = ("_entries", "error", "kinds", "names", "path", "skipped", "targets")
-
-    def __init__(self, path: bytes, entries: Optional[list[Entry]], error: Optional[OSError], skipped: bool = False,
-                 names: Optional[list[Any]] = None, kinds: str = "", targets: str = "") -> None:
-        self.path = path
-        self._entries = entries
-        self.error = error
-        self.skipped = skipped
-        self.names = names
-        self.kinds = kinds
-        self.targets = targets
+    path: bytes
+    _entries: Optional[list[Entry]]
+    error: Optional[OSError]
+    skipped: bool = False
+    names: Optional[list[Any]] = None
+    kinds: str = ""
+    targets: str = ""
 
     @property
     def entries(self) -> list[Entry]:
@@ -302,10 +303,10 @@ class Walker:
                         self._backlog -= size
                         # Taken: resolved now (what the loop body adds is counted before the next wait).
                         self._outstanding -= count
-                for batch, _size, _count in batches:
-                    for item in batch:
-                        if isinstance(item, BaseException):
-                            raise item
+                for batch, _size, count in batches:
+                    if not count:  # the exception that ends the walk
+                        raise batch[0]
+                    for item in batch:  # (the loop body may prune what follows in the batch)
                         if pruned and item.path != top and (
                             item.path in pruned or os.path.dirname(item.path) in pruned
                         ):
@@ -609,8 +610,10 @@ class Walker:
                     targets += frame.targets
             elif isinstance(frame, DirFrame):
                 if current is not None:
-                    self._complete_early(_Dir(current, None if names is not None else entries, error, False,
-                                              names, kinds, targets), pending, early, out)
+                    self._complete(_Dir(current, None if names is not None else entries, error, False,
+                                        names, kinds, targets), pending, out, early)
+                    if early:
+                        self._queue_early(pending, early, out)
                     done += 1
                 if frame.path not in pending:
                     raise AgentProtocolError(f"agent listed {frame.path!r}, which was not asked for")
@@ -633,8 +636,10 @@ class Walker:
             elif isinstance(frame, SkipFrame):
                 # A path found by the walk that is a symlink now: not walked, as os.walk.
                 if current is not None:
-                    self._complete_early(_Dir(current, None if names is not None else entries, error, False,
-                                              names, kinds, targets), pending, early, out)
+                    self._complete(_Dir(current, None if names is not None else entries, error, False,
+                                        names, kinds, targets), pending, out, early)
+                    if early:
+                        self._queue_early(pending, early, out)
                     done += 1
                     current = None
                 if frame.path not in pending or not req.nofollow:
@@ -642,8 +647,10 @@ class Walker:
                 self._skip(frame.path, pending, out)
             elif isinstance(frame, EndFrame):
                 if current is not None:
-                    self._complete_early(_Dir(current, None if names is not None else entries, error, False,
-                                              names, kinds, targets), pending, early, out)
+                    self._complete(_Dir(current, None if names is not None else entries, error, False,
+                                        names, kinds, targets), pending, out, early)
+                    if early:
+                        self._queue_early(pending, early, out)
                     done += 1
                 if set(frame.frontier) != set(pending):
                     raise AgentProtocolError("the agent's frontier does not match the directories it left")
@@ -672,11 +679,10 @@ class Walker:
                 raise AgentProtocolError(f"agent sent {path!r} to the frontier, which is not owed")
         return ready
 
-    def _complete_early(self, d: _Dir, pending: dict[bytes, None], early: set[bytes], out: _Out) -> None:
-        """:meth:`_complete`, then the subdirectories already sent to the frontier
+    def _queue_early(self, pending: dict[bytes, None], early: set[bytes], out: _Out) -> None:
+        """After :meth:`_complete`: the subdirectories already sent to the frontier
         (``early``) are queued instead of owed; void when the listing failed."""
-        self._complete(d, pending, out, early)
-        if early and d.error is None:
+        if not out.batch[-1].error:
             for sub in early:
                 del pending[sub]
             self._flush(out)
@@ -694,29 +700,31 @@ class Walker:
         """Hand one directory to the generator (with the next :meth:`_flush`); its
         subdirectories become owed work. ``early``: subdirectories it must hold."""
         path = d.path
-        subdirs: list[bytes] = []
+        names = d.names
+        n = len(d.kinds) if names is not None else len(d._entries)  # type: ignore[arg-type]
         if d.error is not None:
             d._entries, d.names, d.kinds, d.targets = [], None, "", ""
+            n = 0
         elif self.expand:
-            if d.names is not None:
+            subdirs = None
+            if names is not None:
                 kinds = d.kinds
                 if KIND_DIR in kinds:
-                    dnames = list(compress(d.names, kinds.encode("ascii").translate(_DIR_FLAGS)))
+                    dnames = list(compress(names, kinds.encode("ascii").translate(_DIR_FLAGS)))
                     if not self._bytes:
                         dnames = "\0".join(dnames).encode(FS_ENCODING, FS_ERRORS).split(b"\0")
                     prefix = path if path.endswith(b"/") else path + b"/"
-                    subdirs = [prefix + n for n in dnames]
+                    subdirs = [prefix + sub for sub in dnames]
             else:
                 subdirs = [_join(path, e.name) for e in d._entries if e.kind == KIND_DIR]  # type: ignore[union-attr]
-        if early and d.error is None and not early <= set(subdirs):
-            raise AgentProtocolError(f"agent sent to the frontier what {path!r} does not hold")
+            if early and not early <= set(subdirs or ()):
+                raise AgentProtocolError(f"agent sent to the frontier what {path!r} does not hold")
+            if subdirs:
+                out.subdirs += len(subdirs)
+                pending.update(dict.fromkeys(subdirs))
         del pending[path]
         if self._follow and path in self._follow:
             self._followed(path)
-        if subdirs:
-                out.subdirs += len(subdirs)
-                pending.update(dict.fromkeys(subdirs))
-        n = len(d)
         out.batch.append(d)
         out.size += n + 1
         out.entries += n
