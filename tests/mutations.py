@@ -186,7 +186,8 @@ MUTATIONS: list[Mutation] = [
     Mutation("subtree-per-host-uncapped", "no cap on subtree requests in flight per agent", "diskover_agent/walk.py",
              'idx, wait = self.hosts.pick(None if self.mode == "listdir" else SUBTREE_PER_HOST)',
              "idx, wait = self.hosts.pick(None)",
-             ("tests/test_client_wire.py::test_at_most_4_subtree_requests_per_agent",)),
+             ("tests/test_client_wire.py::test_at_most_4_subtree_requests_per_agent",
+              "tests/test_client_wire.py::test_at_most_4_subtree_requests_per_agent_beside_a_dead_one")),
 
     Mutation("names-slash-kept", "a names frame with '/' in a name is accepted", "diskover_agent/protocol.py",
              'if b"/" in blob:', 'if False:',
