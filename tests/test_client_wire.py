@@ -293,6 +293,19 @@ def test_at_most_4_subtree_requests_per_agent(wide, start_agent, recorder_for):
     assert len(front.records) > 20
 
 
+def test_at_most_4_subtree_requests_per_agent_beside_a_dead_one(wide, start_agent, recorder_for):
+    """Two hosts give the walk 8 threads; with one dead, the live one still gets at most 4 at once."""
+    top, expected = wide
+    agent = start_agent([(REMOTE, str(top))])
+    front = recorder_for(agent, gather=SUBTREE_PER_HOST + 1, hold=2.0)
+    with socket.socket() as s:  # a port that was free a moment ago: nobody listens there
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    rows = list(parallel_walk(REMOTE, hosts=[dead, front.hostspec], workers=40, max_budget=64))
+    assert as_bytes_rows(rows) == expected and len(rows) == len(expected)
+    assert 1 < front.peak <= SUBTREE_PER_HOST, front.peak
+
+
 # -- connect() -----------------------------------------------------------------------------------
 
 def test_connect_skips_a_dead_host(small, start_agent):

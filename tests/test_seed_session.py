@@ -93,7 +93,7 @@ def test_python_session_like_the_original(seed_tree, start_agent):
     gen.close()
     rows = []
     for root, dirs, files in pwalk(SOMEDIR, workers=40, hosts=hostlist):
-        rows.append((root, dirs, files))
+        rows.append(sorted_listing((root, dirs, files)))  # in the agent's read order, as os.walk's
     assert rows[0] == (SOMEDIR, ["subdir1", "subdir2"], ["file1.ext", "file2.ext"])
     assert (SOMEDIR + "/subdir1", [], ["file.ext"]) in rows
     assert sorted(rows[1:]) == [(SOMEDIR + "/subdir1", [], ["file.ext"]), (SOMEDIR + "/subdir2", [], [])]

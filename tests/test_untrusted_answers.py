@@ -63,8 +63,34 @@ def in_first_entries(edit: Callable[[list], None]) -> Callable[[Frames], Optiona
     return change
 
 
+def in_first_listing(edit_entries: Callable[[list], None],
+                     edit_names: Callable[[list], None]) -> Callable[[Frames], Optional[Frames]]:
+    """A change that edits the answer's first ``entries`` frame with ``edit_entries``, or
+    its first ``names`` frame (``[tag, names, kinds, targets]``) with ``edit_names``."""
+    def change(frames: Frames) -> Optional[Frames]:
+        for f in frames:
+            if f[0] == "entries" and f[1]:
+                edit_entries(f[1])
+                return frames
+            if f[0] == "names" and f[2]:
+                edit_names(f)
+                return frames
+        return None
+    return change
+
+
 def added(name: bytes, kind: str = "f") -> Callable[[Frames], Optional[Frames]]:
-    return in_first_entries(lambda entries: entries.append([name, kind, None, None, None]))
+    def to_names(f: list) -> None:
+        f[1] += b"\0" + name
+        f[2] += kind
+    return in_first_listing(lambda entries: entries.append([name, kind, None, None, None]), to_names)
+
+
+def repeated_first(f: list) -> None:
+    f[1] += b"\0" + f[1].split(b"\0")[0]
+    f[2] += f[2][0]
+    if f[2][0] == "l":
+        f[3] += f[3][0]
 
 
 def stat_field(index: int, value: int) -> Callable[[Frames], Optional[Frames]]:
@@ -81,8 +107,12 @@ def dotdot_dir_in_frontier(frames: Frames) -> Optional[Frames]:
     for f in frames:
         if f[0] == "dir":
             current = f[1]
-        elif f[0] == "entries" and f[1] and current is not None:
-            f[1].append([b"..", "d", None, None, None])
+        elif f[0] in ("entries", "names") and f[1] and current is not None:
+            if f[0] == "names":
+                f[1] += b"\0.."
+                f[2] += "d"
+            else:
+                f[1].append([b"..", "d", None, None, None])
             for g in frames:
                 if g[0] == "end":
                     g[1].append(current + b"/..")
@@ -107,7 +137,7 @@ LIES = {
     "dot-name": added(b"."),
     "dotdot": added(b".."),
     "nul-name": added(b"x\0y"),
-    "duplicate": in_first_entries(lambda entries: entries.append(list(entries[0]))),
+    "duplicate": in_first_listing(lambda entries: entries.append(list(entries[0])), repeated_first),
     "bad-kind": added(b"fine-name", "x"),
     "dotdot-dir-in-frontier": dotdot_dir_in_frontier,
     "frontier-outside": outside_frontier,

@@ -29,11 +29,12 @@ from __future__ import annotations
 import collections
 import os
 from collections.abc import Callable, Iterator, Sequence
+from itertools import compress, repeat
+from operator import attrgetter
 from typing import Any, AnyStr, Optional, Union
 
-from .connection import is_walk_dir
 from .entry import AgentDirEntry
-from .protocol import KIND_DIR, KIND_SYMLINK, Entry
+from .protocol import FS_ENCODING, FS_ERRORS, KIND_DIR, KIND_SYMLINK, Entry
 from .transport import DEFAULT_PORT
 from .walk import Walker, _Dir, _join
 
@@ -44,10 +45,6 @@ Split = tuple[list[Any], list[Any], set[Any]]
 
 def _typed(top: AnyStr) -> Callable[[bytes], AnyStr]:
     return (lambda b: b) if isinstance(top, bytes) else os.fsdecode  # type: ignore[return-value]
-
-
-def _by_name(entry: Entry) -> bytes:
-    return entry.name
 
 
 def _name(item: Any) -> Any:
@@ -62,33 +59,90 @@ def _parent_key(path: bytes) -> bytes:
     return _key(path[: path.rindex(b"/")])
 
 
+#: ``kinds.encode().translate(...)``: 1 for each entry ``os.walk`` puts in ``dirs``
+#: (symlinks aside), and for each it puts in ``files``.
+_DIR_FLAGS = bytes(int(c == ord(KIND_DIR)) for c in range(256))
+_FILE_FLAGS = bytes(int(c not in (ord(KIND_DIR), ord(KIND_SYMLINK))) for c in range(256))
+_NO_LINKS: frozenset[Any] = frozenset()
+_kind = attrgetter("kind")
+_entry_name = attrgetter("name")
+
+
+def _names_of(typed: Callable[[bytes], Any], entries: list[Entry]) -> list[Any]:
+    """The names of ``entries``, typed: for text, decoded in one call (as ``os.fsdecode``)."""
+    names = list(map(_entry_name, entries))
+    if typed is os.fsdecode and names:
+        return b"\0".join(names).decode(FS_ENCODING, FS_ERRORS).split("\0")
+    return names
+
+
 def _split_names(typed: Callable[[bytes], Any]) -> Callable[[Any, _Dir], Split]:
     def split(root: Any, d: _Dir) -> Split:
-        dirs: list[Any] = []
-        files: list[Any] = []
+        names = d.names
+        if names is None:  # entries frames (per-directory mode, or an agent without names frames)
+            entries = d.entries
+            if not entries:
+                return [], [], _NO_LINKS
+            names = _names_of(typed, entries)
+            kinds = "".join(map(_kind, entries))
+            targets = "".join([e.target or "-" for e in entries if e.kind == KIND_SYMLINK])
+        else:
+            kinds = d.kinds
+            targets = d.targets
+        if KIND_SYMLINK not in kinds:
+            count = kinds.count(KIND_DIR)
+            if not count:
+                return [], names, _NO_LINKS
+            if count > 3:
+                dirs = list(compress(names, kinds.encode("ascii").translate(_DIR_FLAGS)))
+                return dirs, list(compress(names, kinds.encode("ascii").translate(_FILE_FLAGS))), _NO_LINKS
+            at = [kinds.index(KIND_DIR)]  # a few directories: found with C-level searches
+            while len(at) < count:
+                at.append(kinds.index(KIND_DIR, at[-1] + 1))
+            files = names[:]
+            for i in reversed(at):
+                del files[i]
+            return [names[i] for i in at], files, _NO_LINKS
+        dirs = []
+        files = []
         links = set()
-        for e in d.entries:
-            name = typed(e.name)
-            if e.kind == KIND_DIR:
+        link_targets = iter(targets)
+        for name, kind in zip(names, kinds, strict=True):
+            if kind == KIND_DIR:
                 dirs.append(name)
-            elif e.kind == KIND_SYMLINK and e.target == KIND_DIR:
+            elif kind == KIND_SYMLINK and next(link_targets) == KIND_DIR:
                 dirs.append(name)
                 links.add(name)
             else:
                 files.append(name)
-        dirs.sort()
-        files.sort()
         return dirs, files, links
     return split
 
 
 def _split_entries(typed: Callable[[bytes], Any]) -> Callable[[Any, _Dir], Split]:
     def split(root: Any, d: _Dir) -> Split:
-        dirs: list[AgentDirEntry] = []
-        files: list[AgentDirEntry] = []
-        for e in sorted(d.entries, key=_by_name):
-            (dirs if is_walk_dir(e) else files).append(AgentDirEntry(root, typed(e.name), e))
-        return dirs, files, {x.name for x in dirs if x.is_symlink()}
+        entries = d.entries
+        if not entries:
+            return [], [], _NO_LINKS
+        made = list(map(AgentDirEntry, repeat(root), _names_of(typed, entries), entries))
+        kinds = "".join(map(_kind, entries))
+        if KIND_SYMLINK not in kinds:
+            if KIND_DIR not in kinds:
+                return [], made, _NO_LINKS
+            flags = kinds.encode("ascii")
+            dirs = list(compress(made, flags.translate(_DIR_FLAGS)))
+            return dirs, list(compress(made, flags.translate(_FILE_FLAGS))), _NO_LINKS
+        dirs = []
+        files = []
+        links = set()
+        for x in made:
+            if x.is_dir():
+                dirs.append(x)
+                if x.is_symlink():
+                    links.add(x.name)
+            else:
+                files.append(x)
+        return dirs, files, links
     return split
 
 
@@ -135,16 +189,15 @@ class _Walk:
             if d.skipped:  # a symlink now: os.walk does not descend into it
                 continue
             root, dirs, files, links = self.listing(d)
-            before = [_name(x) for x in dirs]
+            before = dirs[:]
             yield root, dirs, files
-            self._after_yield(d.path, before, [_name(x) for x in dirs], links)
+            if dirs != before or (self.follow and links):
+                self._after_yield(d.path, [_name(x) for x in before], [_name(x) for x in dirs], links)
 
     def _after_yield(self, path: bytes, before: list[Any], after: list[Any], links: set[Any]) -> None:
         """Apply what the loop body did to ``dirs``: removed names prune, names it added
         are walked, and so are the symlinks it kept when following them."""
         walker = self.walker
-        if before == after and not (self.follow and links):
-            return
         kept = set(after)
         for name in before:
             if name not in kept and name not in links:
@@ -280,7 +333,8 @@ def parallel_walk(
     """Walk a remote tree like ``os.walk(top, topdown, onerror, followlinks)``.
 
     Directories are listed ``workers`` requests at a time, spread over ``hosts``.
-    ``dirs`` and ``files`` are each sorted by name. With ``readahead`` (the default)
+    ``dirs`` and ``files`` are in the order the agent read them (as ``os.walk`` gives
+    ``os.scandir``'s order: sort them if you need an order). With ``readahead`` (the default)
     the agents read ahead of the loop body and directories are yielded as they
     arrive (top-down: each after its parent; ``topdown=False``: each after all its
     subdirectories), each as the agent read it; ``readahead=False`` gives

@@ -42,6 +42,7 @@ import errno
 import os
 import stat as _stat
 import struct
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional, Union
@@ -125,6 +126,7 @@ _msgpack_encode = msgspec.msgpack.Encoder().encode
 _json_encode = msgspec.json.Encoder().encode
 _pack_len = struct.Struct(">I").pack
 _unpack_len = struct.Struct(">I").unpack
+_unpack_len_from = struct.Struct(">I").unpack_from
 
 
 def _json_name(name: bytes) -> Union[str, dict]:
@@ -245,6 +247,54 @@ def check_names(entries: Sequence[Entry], seen: set[bytes]) -> Optional[str]:
     return None  # not reached: the quick test fails only on one of the cases above
 
 
+#: The letters of ``kinds`` in a ``names`` frame, and of its ``targets`` (``-``: dangling).
+KIND_LETTERS = "dflpscb?"
+TARGET_LETTERS = KIND_LETTERS + "-"
+FS_ENCODING = sys.getfilesystemencoding()
+FS_ERRORS = sys.getfilesystemencodeerrors()
+_NOT_TEXT_NAMES = frozenset(("", ".", ".."))
+
+
+def decode_names(frame: NamesFrame, text: bool, seen: Optional[set[Any]]) -> tuple[list[Any], set[Any]]:
+    """The names of a ``names`` frame in agent order (``str`` decoded as ``os.fsdecode``
+    does when ``text``, else ``bytes``), and the set of the directory's names so far.
+
+    Raises :class:`ProtocolError` unless the frame keeps the promises of
+    :func:`check_names` (no ``/``, NUL, empty name, ``.``, ``..``, nor a name twice in
+    the directory: ``seen`` holds the names of its earlier frames, updated) and has one
+    kind letter per name and one target letter per symlink. A few C-level calls per frame.
+    """
+    blob, kinds, targets = frame.names, frame.kinds, frame.targets
+    if not kinds:
+        if blob or targets:
+            raise ProtocolError("a names frame with names but no kinds")
+        return [], set() if seen is None else seen
+    if b"/" in blob:
+        bad = next(n for n in blob.split(b"\0") if b"/" in n)
+        raise ProtocolError(f"invalid entry name {bad!r}")
+    names: list[Any] = blob.decode(FS_ENCODING, FS_ERRORS).split("\0") if text else blob.split(b"\0")
+    if len(names) != len(kinds):
+        raise ProtocolError(f"a names frame with {len(names)} names and {len(kinds)} kinds")
+    if kinds.strip(KIND_LETTERS):
+        raise ProtocolError(f"a names frame with an invalid kind letter in {kinds.strip(KIND_LETTERS)[:8]!r}")
+    if len(targets) != kinds.count(KIND_SYMLINK) or targets.strip(TARGET_LETTERS):
+        raise ProtocolError("a names frame whose targets do not match its symlinks")
+    new = set(names)
+    if len(new) != len(names) or not new.isdisjoint(_NOT_TEXT_NAMES if text else _NOT_NAMES) or (
+            seen is not None and not seen.isdisjoint(new)):
+        earlier: set[Any] = set() if seen is None else seen
+        for name in names:
+            if name in _NOT_TEXT_NAMES or name in _NOT_NAMES:
+                raise ProtocolError(f"invalid entry name {name!r}")
+            if name in earlier:
+                raise ProtocolError(f"entry name {name!r} appears twice in one directory")
+            earlier.add(name)
+    if seen is None:
+        return names, new
+    seen |= new
+    return names, seen
+
+
 def read_frames_raw(read: Callable[[int], bytes]) -> Iterator[bytes]:
     """The bodies of length-prefixed frames from ``read(n)``, until end of stream."""
     while True:
@@ -269,6 +319,44 @@ def read_frames(read: Callable[[int], bytes]) -> Iterator[Frame]:
             yield _frame_decoder.decode(body)
         except msgspec.DecodeError as exc:
             raise ProtocolError(f"malformed frame: {exc}") from None
+
+
+def read_frame_blocks(read1: Callable[[int], bytes], block: int = 256 * 1024) -> Iterator[Optional[Frame]]:
+    """Decode msgpack frames from ``read1(n)`` (which returns what is at hand, at most
+    ``n`` bytes, ``b""`` at the end) until end of stream, reading big blocks and cutting
+    them into frames without copies; ``None`` after the frames of each block (the next
+    one waits for the network: a reader may hand over what it gathered)."""
+    buf = bytearray()
+    unpack_from = _unpack_len_from
+    decode = _frame_decoder.decode
+    while True:
+        data = read1(block)
+        if not data:
+            if buf:
+                raise ProtocolError("truncated frame" if len(buf) >= 4 else "truncated frame header")
+            return
+        buf += data
+        end = len(buf)
+        pos = 0
+        view = memoryview(buf)
+        try:
+            while end - pos >= 4:
+                (size,) = unpack_from(buf, pos)
+                if size > MAX_FRAME:
+                    raise ProtocolError(f"frame of {size} bytes exceeds the {MAX_FRAME} limit")
+                stop = pos + 4 + size
+                if stop > end:
+                    break
+                try:
+                    frame = decode(view[pos + 4:stop])
+                except msgspec.DecodeError as exc:
+                    raise ProtocolError(f"malformed frame: {exc}") from None
+                pos = stop
+                yield frame
+        finally:
+            view.release()
+        del buf[:pos]
+        yield None
 
 
 # -- the subtree walk request ---------------------------------------------------------

@@ -16,7 +16,7 @@ import ssl
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import msgspec
 
@@ -32,15 +32,17 @@ from .protocol import (
     ErrorFrame,
     Exclusions,
     Frame,
+    NamesFrame,
     ProtocolError,
     SkipFrame,
     StatFields,
     WalkRequest,
     check_names,
     decode_error,
+    decode_names,
     encode_walk_request,
     quote_path,
-    read_frames,
+    read_frame_blocks,
 )
 
 DEFAULT_PORT = 9999
@@ -274,32 +276,52 @@ class AgentHTTP:
             self.close()
             raise
 
-    def walk(self, req: WalkRequest) -> Iterator[Frame]:
+    def walk(self, req: WalkRequest, text: bool = False) -> Iterator[Union[Frame, Names, None]]:
         """Frames of a subtree walk as they arrive, their names checked (the caller
-        checks which directories they are). Raises :class:`SubtreeUnsupported` when the
-        agent has no walk endpoint, :class:`AgentProtocolError` on an invalid answer."""
+        checks which directories they are): ``names`` frames come as :class:`Names`
+        (names as ``str`` when ``text``, else ``bytes``), and ``None`` after the frames
+        of each block read. Raises :class:`SubtreeUnsupported` when the agent has no
+        walk endpoint, :class:`WalkFieldsRefused` when it refuses the request's newer
+        fields, :class:`AgentProtocolError` on an invalid answer."""
         try:
             resp = self._request("POST", WALK_PATH + "?format=msgpack", encode_walk_request(req))
             if resp.status in (404, 405):
                 resp.read(65536)
                 self.close()
                 raise SubtreeUnsupported(f"{self.address.label} does not offer the subtree walk")
-            if resp.status == 400 and (req.frontier_frames or req.nofollow):
+            if resp.status == 400 and (req.frontier_frames or req.nofollow or req.names_frames):
                 resp.read(65536)
                 self.close()
                 raise WalkFieldsRefused(f"{self.address.label} refused the walk request's newer fields")
             if resp.status != 200:
                 error = self._error(resp, None)
                 raise AgentProtocolError(f"{self.address.label}: walk request failed: {error}")
-            current, seen = b"", set[bytes]()  # the directory being listed, its names so far
-            for frame in _frames(resp):
-                if isinstance(frame, EntriesFrame):
-                    problem = check_names(frame.entries, seen)
-                    if problem:
-                        raise AgentProtocolError(f"{problem} (listing of {current!r})")
-                elif isinstance(frame, DirFrame):
-                    current, seen = frame.path, set()
-                yield frame
+            names_ok = req.names_frames and not req.stat
+            current = b""  # the directory being listed
+            seen: Optional[set[Any]] = None  # its names so far
+            bulk = False  # whether its entries came in names frames
+            try:
+                for frame in read_frame_blocks(_body_reader(resp)):
+                    if isinstance(frame, NamesFrame):
+                        if not names_ok or (seen is not None and not bulk):
+                            raise ProtocolError("a names frame the request did not ask for")
+                        names, seen = decode_names(frame, text, seen)
+                        bulk = True
+                        yield Names(names, frame.kinds, frame.targets)
+                        continue
+                    if isinstance(frame, EntriesFrame):
+                        if bulk:
+                            raise ProtocolError("entries and names frames in one directory")
+                        if seen is None:
+                            seen = set()
+                        problem = check_names(frame.entries, seen)
+                        if problem:
+                            raise ProtocolError(problem)
+                    elif isinstance(frame, DirFrame):
+                        current, seen, bulk = frame.path, None, False
+                    yield frame
+            except ProtocolError as exc:
+                raise AgentProtocolError(f"{exc} (listing of {current!r})") from None
             self._finish(resp)
         except BaseException:
             self.close()
@@ -338,13 +360,26 @@ class AgentHTTP:
         raise AgentHTTPError(label, resp.status, err.error, err.message)
 
 
+class Names:
+    """The entries of one ``names`` frame, checked: names (``str`` or ``bytes``) in
+    agent order, one kind letter each, one target letter per symlink."""
+
+    __slots__ = ("kinds", "names", "targets")
+
+    def __init__(self, names: list[Any], kinds: str, targets: str) -> None:
+        self.names = names
+        self.kinds = kinds
+        self.targets = targets
+
+
 class SubtreeUnsupported(AgentError):
     """The agent only answers per-directory listings."""
 
 
 class WalkFieldsRefused(AgentError):
-    """The agent refused a walk request with ``frontier_frames`` or ``nofollow``, or a
-    listing with ``nofollow`` (400): an agent older than these; ask it again without them."""
+    """The agent refused a walk request with ``names_frames``, ``frontier_frames`` or
+    ``nofollow``, or a listing with ``nofollow`` (400): an agent older than these; ask
+    it again with fewer of them."""
 
 
 def is_loopback(host: str) -> bool:
@@ -358,34 +393,36 @@ def is_loopback(host: str) -> bool:
 
 
 def _body_reader(resp: http.client.HTTPResponse) -> Callable[[int], bytes]:
-    """``read(n)`` over an answer's body, inflating it when it came gzip-encoded."""
+    """``read1(n)`` over an answer's body (what is at hand, up to ``n`` bytes; ``b""`` at
+    its end), inflating it when it came gzip-encoded."""
     encoding = (resp.getheader("Content-Encoding") or "identity").lower()
     if encoding == "identity":
-        return resp.read
+        return resp.read1
     if encoding != "gzip":
         raise AgentProtocolError(f"unexpected Content-Encoding {encoding!r}")
     inflate = zlib.decompressobj(31)
-    buf = bytearray()
 
-    def read(n: int) -> bytes:
-        while len(buf) < n:
-            if inflate.eof:
-                break
-            raw = resp.read(65536)
-            if not raw:
-                break
-            buf.extend(inflate.decompress(raw))
-        out = bytes(buf[:n])
-        del buf[:n]
-        return out
+    def read1(n: int) -> bytes:
+        while not inflate.eof:
+            if inflate.unconsumed_tail:
+                out = inflate.decompress(inflate.unconsumed_tail, n)
+            else:
+                raw = resp.read1(65536)
+                if not raw:
+                    break
+                out = inflate.decompress(raw, n)
+            if out:
+                return out
+        return b""
 
-    return read
+    return read1
 
 
-def _frames(resp: http.client.HTTPResponse) -> Iterator[Frame]:
-    """The frames of an answer; one that breaks the protocol raises :class:`AgentProtocolError`."""
+def _frames(resp: http.client.HTTPResponse) -> Iterator[Optional[Frame]]:
+    """The frames of an answer, ``None`` after each block read; one that breaks the
+    protocol raises :class:`AgentProtocolError`."""
     try:
-        yield from read_frames(_body_reader(resp))
+        yield from read_frame_blocks(_body_reader(resp))
     except ProtocolError as exc:
         raise AgentProtocolError(str(exc)) from None
 

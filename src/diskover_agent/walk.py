@@ -1,13 +1,15 @@
 """The engine behind ``parallel_walk``: ``os.walk`` through many agents at once.
 
-The engine is a work queue of directory paths over hosts. ``workers`` threads each
-take a batch of paths, send it to the next healthy host and stream back every
-directory the agent lists below them (the subtree protocol: the agent walks up to
-a budget and answers the frontier it did not reach), or, against an agent without
-it, list one directory per request. Each directory goes to the generator as soon
-as it is complete; directories found but not listed go back on the queue. When a
-request breaks off, whatever it had not completed is queued again, so nothing is
-lost, and nothing that was completed is listed twice.
+The engine is a work queue of directory paths over hosts. Worker threads (as many as
+can have a request in flight: ``SUBTREE_PER_HOST`` per host for subtree requests, up
+to ``workers`` once a host lists one directory per request) each take a batch of
+paths, send it to the next healthy host and stream back every directory the agent
+lists below them (the subtree protocol: the agent walks up to a budget and answers
+the frontier it did not reach), or, against an agent without it, list one directory
+per request. The directories each block of an answer completes go to the generator
+in one batch; directories found but not listed go back on the queue. When a request
+breaks off, whatever it had not completed is queued again, so nothing is lost, and
+nothing that was completed is listed twice.
 """
 
 from __future__ import annotations
@@ -18,13 +20,19 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import compress
 from typing import Any, Optional, Union
+
+import msgspec
 
 from .backoff import Backoff
 from .connection import parse_hosts
 from .errors import AgentBusyError, AgentConnectionError, AgentProtocolError
 from .protocol import (
+    FS_ENCODING,
+    FS_ERRORS,
     KIND_DIR,
+    KIND_SYMLINK,
     MAX_PATH,
     DirFrame,
     EndFrame,
@@ -42,6 +50,7 @@ from .transport import (
     AgentHTTP,
     ClientOptions,
     HostAddress,
+    Names,
     SubtreeUnsupported,
     WalkFieldsRefused,
     fsencode_path,
@@ -66,6 +75,11 @@ SUBTREE_PER_HOST = 4
 MAX_BATCH = 64
 MAX_BATCH_BYTES = 256 * 1024
 MODES = ("auto", "subtree", "listdir")
+#: ``_Hosts.level`` steps: the agent refused ``names_frames``; then the older fields too.
+NAMES_REFUSED = 1
+LEGACY = 2
+#: ``kinds.encode().translate(_DIR_FLAGS)``: 1 for each directory, 0 for the rest.
+_DIR_FLAGS = bytes(int(c == ord(KIND_DIR)) for c in range(256))
 
 
 def _join(path: bytes, name: bytes) -> bytes:
@@ -83,8 +97,9 @@ class _Hosts:
         self._backoff = Backoff(len(addresses))
         self.inflight = [0] * len(addresses)
         self.subtree = [True] * len(addresses)
-        #: Agents that refused the walk request's newer fields: asked without them.
-        self.legacy = [False] * len(addresses)
+        #: How many of the walk request's newer fields each agent refused, in steps: 0 all
+        #: asked; NAMES_REFUSED without ``names_frames``; LEGACY without any of them.
+        self.level = [0] * len(addresses)
         self.requests = [0] * len(addresses)
         self.dirs = [0] * len(addresses)
         self.last_ok = time.monotonic()
@@ -127,6 +142,11 @@ class _Hosts:
                 self.last_error = f"{self.addresses[idx].label}: {error}"
                 self.last_invalid = isinstance(error, AgentProtocolError)
 
+    def refused(self, idx: int, level: int) -> None:
+        """The agent refused a request's newer fields: ask it with fewer (``level``)."""
+        with self._lock:
+            self.level[idx] = max(self.level[idx], level)
+
     def succeeded(self, idx: int, dirs: int) -> None:
         with self._lock:
             self._backoff.reset(idx)
@@ -135,17 +155,52 @@ class _Hosts:
             self.last_ok = time.monotonic()
 
 
-class _Dir:
+class _Dir(msgspec.Struct, gc=False):
     """One completed directory on its way to the generator; ``skipped``: a path the walk
-    found that is a symlink now, so neither listed nor an error (as ``os.walk``)."""
+    found that is a symlink now, so neither listed nor an error (as ``os.walk``).
 
-    __slots__ = ("entries", "error", "path", "skipped")
+    Its entries are ``entries``, or, when they came in ``names`` frames, ``names`` (in
+    the walk's type: ``str`` for a walk whose top is ``str``), ``kinds`` (one letter per
+    name) and ``targets`` (one letter per symlink); ``entries`` is then made when read.
+    (A ``msgspec.Struct``: made in C, one per directory.)"""
 
-    def __init__(self, path: bytes, entries: list[Entry], error: Optional[OSError], skipped: bool = False) -> None:
-        self.path = path
-        self.entries = entries
-        self.error = error
-        self.skipped = skipped
+    path: bytes
+    _entries: Optional[list[Entry]]
+    error: Optional[OSError]
+    skipped: bool = False
+    names: Optional[list[Any]] = None
+    kinds: str = ""
+    targets: str = ""
+
+    @property
+    def entries(self) -> list[Entry]:
+        if self._entries is None:
+            self._entries = _entries_of(self.names or [], self.kinds, self.targets)
+        return self._entries
+
+    def __len__(self) -> int:
+        """Its entries."""
+        return len(self._entries) if self._entries is not None else len(self.kinds)
+
+
+def _entries_of(names: list[Any], kinds: str, targets: str) -> list[Entry]:
+    """``Entry`` records of names in ``names`` frames' form."""
+    links = iter(targets)
+    out = []
+    for name, kind in zip(names, kinds, strict=True):
+        target = next(links) if kind == KIND_SYMLINK else "-"
+        out.append(Entry(os.fsencode(name), kind, None if target == "-" else target, None, None))  # type: ignore[arg-type]
+    return out
+
+
+class _Out:
+    """What one request completed and has not handed over yet (see :meth:`Walker._flush`)."""
+
+    __slots__ = ("batch", "entries", "level", "size", "subdirs")
+
+    def __init__(self) -> None:
+        self.batch: list[_Dir] = []
+        self.size = self.entries = self.subdirs = self.level = 0
 
 
 class Walker:
@@ -199,7 +254,9 @@ class Walker:
         self._cond = threading.Condition()
         #: Workers waiting for a host (all set aside, or all at their request cap) wait here.
         self._host_free = threading.Condition()
-        self._results: collections.deque[Any] = collections.deque()
+        #: Batches of completed directories (or an exception ending the walk), as handed
+        #: over, each with its size (entries and directories) and its count of directories.
+        self._results: list[tuple[list[Any], int, int]] = []
         self._results_ready = threading.Condition()
         #: Directories known and not yet handed to the generator (queued, in flight, or waiting).
         self._outstanding = len(self._todo)
@@ -216,41 +273,61 @@ class Walker:
         self.expand = expand
         self._stopping = False
         self._conns: list[AgentHTTP] = []
-        self._threads = [
-            threading.Thread(target=self._worker, name=f"diskover-walk-{i}", daemon=True) for i in range(workers)
-        ]
+        self.workers = workers
+        #: Threads started: only as many as can have a request in flight (subtree mode
+        #: sends at most SUBTREE_PER_HOST to each host), the rest once a host lists one
+        #: directory per request.
+        self._threads: list[threading.Thread] = []
+        self._lanes = workers if mode == "listdir" else min(workers, SUBTREE_PER_HOST * len(self.hosts.addresses))
+        self._start_lock = threading.Lock()
 
     # -- the generator side ----------------------------------------------------------
 
     def dirs(self, skips: bool = False) -> Iterator[_Dir]:
         """Completed directories as they arrive, until the walk is complete; with
         ``skips``, the paths found to be symlinks now too (``skipped``)."""
-        for t in self._threads:
-            t.start()
+        self._start(self._lanes)
+        cond = self._results_ready
+        top = self.top
+        pruned = self._pruned
         try:
             while True:
-                with self._results_ready:
+                with cond:
                     while not self._results:
                         if self._outstanding == 0 or self._exited == len(self._threads):
                             return
-                        self._results_ready.wait()
-                    item = self._results.popleft()
-                    if isinstance(item, _Dir):
-                        self._backlog -= len(item.entries) + 1
-                if isinstance(item, BaseException):
-                    raise item
-                if self._pruned and item.path != self.top and (
-                    item.path in self._pruned or os.path.dirname(item.path) in self._pruned
-                ):
-                    self.prune(item.path)  # pruned, or below a pruned directory: skip its subtree
-                    self._resolve(1)
-                    continue
-                self._resolve(1)
-                if item.skipped and not skips:
-                    continue
-                yield item
+                        cond.wait()
+                    batches = self._results
+                    self._results = []
+                    for _batch, size, count in batches:
+                        self._backlog -= size
+                        # Taken: resolved now (what the loop body adds is counted before the next wait).
+                        self._outstanding -= count
+                for batch, _size, count in batches:
+                    if not count:  # the exception that ends the walk
+                        raise batch[0]
+                    for item in batch:  # (the loop body may prune what follows in the batch)
+                        if pruned and item.path != top and (
+                            item.path in pruned or os.path.dirname(item.path) in pruned
+                        ):
+                            self.prune(item.path)  # pruned, or below a pruned directory: skip its subtree
+                            continue
+                        if item.skipped and not skips:
+                            continue
+                        yield item
         finally:
             self.stop()
+
+    def _start(self, n: int) -> None:
+        """Run ``n`` worker threads in all (never more than ``workers``)."""
+        with self._start_lock:  # not _cond: each thread starts working as soon as it starts
+            if self._stopping:
+                return
+            while len(self._threads) < min(n, self.workers):
+                t = threading.Thread(target=self._worker, name=f"diskover-walk-{len(self._threads)}", daemon=True)
+                with self._results_ready:
+                    self._threads.append(t)
+                t.start()
 
     def prune(self, path: bytes) -> None:
         """Keep the walk out of ``path``: queued work for it is dropped, results skipped."""
@@ -285,7 +362,9 @@ class Walker:
             self._host_free.notify_all()
         for conn in list(self._conns):
             conn.abort()
-        for t in self._threads:
+        with self._start_lock:
+            threads = list(self._threads)
+        for t in threads:
             if t.is_alive():
                 t.join()
 
@@ -302,17 +381,31 @@ class Walker:
                 self._results_ready.notify_all()
 
     def _deliver(self, item: Any) -> None:
+        """Hand one directory (or the exception that ends the walk) to the generator."""
+        if isinstance(item, _Dir):
+            self._deliver_batch([item], len(item) + 1, len(item) if item.error is None else 0, 0)
+        else:
+            with self._results_ready:
+                self._results.append(([item], 0, 0))
+                self._results_ready.notify()
+
+    def _deliver_batch(self, batch: list[_Dir], size: int, entries: int, subdirs: int) -> None:
+        """Hand completed directories to the generator in one lock operation: ``size``
+        their entries and themselves, ``entries`` the entries listed, ``subdirs`` the
+        directories they made owed (counted before any of them is queued)."""
         with self._results_ready:
-            self._results.append(item)
-            if isinstance(item, _Dir):
-                self._backlog += len(item.entries) + 1
-            self._results_ready.notify()
+            self._outstanding += subdirs
+            self.entries += entries
+            if batch:
+                self._results.append((batch, size, len(batch)))
+                self._backlog += size
+                self._results_ready.notify()
 
     def _requeue(self, paths: Sequence[bytes]) -> None:
         if paths:
             with self._cond:
                 self._todo.extendleft(reversed(paths))
-                self._cond.notify_all()
+                self._cond.notify(len(paths))
 
     def _is_pruned(self, path: bytes) -> bool:
         pruned = self._pruned
@@ -349,8 +442,7 @@ class Walker:
                 return None
             n = 1
             if subtree:
-                lanes = min(len(self._threads), SUBTREE_PER_HOST * len(self.hosts.addresses))
-                n = max(1, min(MAX_BATCH, len(self._todo) // lanes))
+                n = max(1, min(MAX_BATCH, len(self._todo) // self._lanes))
             batch = self._batch(n)
         dropped = [p for p in batch if self._is_pruned(p)]
         if dropped:
@@ -446,87 +538,123 @@ class Walker:
     def _serve(self, idx: int, conn: AgentHTTP, batch: list[bytes], subtree: bool) -> None:
         """Run one request for ``batch``; whatever it does not complete goes back on the queue."""
         pending = dict.fromkeys(batch)  # ordered set of paths this request owes
+        out = _Out()
         try:
             if subtree:
-                done = self._serve_subtree(idx, conn, batch, pending)
+                done = self._serve_subtree(idx, conn, batch, pending, out)
             else:
                 (path,) = batch
-                nofollow = not self.hosts.legacy[idx] and path not in self._follow
+                nofollow = self.hosts.level[idx] < LEGACY and path not in self._follow
                 listing = conn.listdir(path, self.stat, self._filename(path), self.exclusions, nofollow)
                 if listing.skipped:
-                    self._skip(path, pending)
+                    self._skip(path, pending, out)
                 else:
-                    self._complete(path, listing.entries, listing.error, pending)
+                    self._complete(_Dir(path, listing.entries, listing.error), pending, out)
                 done = 1
         except WalkFieldsRefused:
-            self.hosts.legacy[idx] = True
+            self._flush(out)
+            self.hosts.refused(idx, out.level if subtree else LEGACY)
             self._requeue(list(pending))
             return
         except SubtreeUnsupported:
+            self._flush(out)
             self.hosts.subtree[idx] = False
             if self.mode == "subtree":
                 raise
+            self._start(self.workers)  # one directory per request: every worker has work
             self._requeue(list(pending))
             return
         except TRANSIENT_ERRORS as exc:
+            self._flush(out)
             self._requeue(list(pending))
             retry_after = exc.retry_after if isinstance(exc, AgentBusyError) else None
             self.hosts.failed(idx, retry_after, exc)
             return
+        self._flush(out)
         if not subtree:
             self._requeue(list(pending))
         self.hosts.succeeded(idx, done)
 
-    def _serve_subtree(self, idx: int, conn: AgentHTTP, batch: list[bytes], pending: dict[bytes, None]) -> int:
+    def _serve_subtree(self, idx: int, conn: AgentHTTP, batch: list[bytes], pending: dict[bytes, None],
+                       out: _Out) -> int:
         ex = self.exclusions
         budget = self._budget
         if self.max_entries is not None:
             budget = max(1, min(budget, self.max_entries - self.entries))
-        modern = not self.hosts.legacy[idx]
+        level = self.hosts.level[idx]
+        modern = level < LEGACY
         req = WalkRequest(
             paths=batch, stat=self.stat, max_entries=budget, max_seconds=MAX_SECONDS,
             exclude_dirs=list(ex.dirs), exclude_files=list(ex.files), one_fs=ex.one_fs,
             frontier_frames=modern, nofollow=modern and batch[0] not in self._follow,
+            names_frames=level < NAMES_REFUSED and not self.stat,
         )
+        out.level = NAMES_REFUSED if req.names_frames else LEGACY  # the step to take if refused
         current: Optional[bytes] = None
         entries: list[Entry] = []
+        names: Optional[list[Any]] = None
+        kinds = targets = ""
         error: Optional[OSError] = None
         #: Subdirectories of ``current`` the agent sent to the frontier before it was complete.
         early: set[bytes] = set()
         done = 0
-        for frame in conn.walk(req):
-            if isinstance(frame, EntriesFrame):
+        for frame in conn.walk(req, not self._bytes):
+            if isinstance(frame, Names):
                 if current is None:
                     raise AgentProtocolError("entries before any directory")
-                entries.extend(frame.entries)
+                if names is None:
+                    names, kinds, targets = frame.names, frame.kinds, frame.targets
+                else:
+                    names += frame.names
+                    kinds += frame.kinds
+                    targets += frame.targets
             elif isinstance(frame, DirFrame):
                 if current is not None:
-                    self._complete_early(current, entries, error, pending, early)
+                    self._complete(_Dir(current, None if names is not None else entries, error, False,
+                                        names, kinds, targets), pending, out, early)
+                    if early:
+                        self._queue_early(pending, early, out)
                     done += 1
                 if frame.path not in pending:
                     raise AgentProtocolError(f"agent listed {frame.path!r}, which was not asked for")
-                current, entries, error = frame.path, [], None
+                current, entries, names, error = frame.path, [], None, None
+            elif frame is None:  # the next frames wait for the network: hand over what is complete
+                if out.batch:
+                    self._flush(out)
+            elif isinstance(frame, EntriesFrame):
+                if current is None:
+                    raise AgentProtocolError("entries before any directory")
+                entries.extend(frame.entries)
             elif isinstance(frame, ErrorFrame):
                 if current is None:
                     raise AgentProtocolError("error before any directory")
                 error = OSError(frame.errno, frame.message, self._filename(current))
             elif isinstance(frame, FrontierFrame):
-                self._requeue(self._frontier_frame(frame.paths, current, pending, early))
+                ready = self._frontier_frame(frame.paths, current, pending, early)
+                self._flush(out)  # their parents are counted and handed over before they are queued
+                self._requeue(ready)
             elif isinstance(frame, SkipFrame):
                 # A path found by the walk that is a symlink now: not walked, as os.walk.
                 if current is not None:
-                    self._complete_early(current, entries, error, pending, early)
+                    self._complete(_Dir(current, None if names is not None else entries, error, False,
+                                        names, kinds, targets), pending, out, early)
+                    if early:
+                        self._queue_early(pending, early, out)
                     done += 1
                     current = None
                 if frame.path not in pending or not req.nofollow:
                     raise AgentProtocolError(f"agent skipped {frame.path!r}, which was not asked for")
-                self._skip(frame.path, pending)
+                self._skip(frame.path, pending, out)
             elif isinstance(frame, EndFrame):
                 if current is not None:
-                    self._complete_early(current, entries, error, pending, early)
+                    self._complete(_Dir(current, None if names is not None else entries, error, False,
+                                        names, kinds, targets), pending, out, early)
+                    if early:
+                        self._queue_early(pending, early, out)
                     done += 1
                 if set(frame.frontier) != set(pending):
                     raise AgentProtocolError("the agent's frontier does not match the directories it left")
+                self._flush(out)
                 self._requeue(list(pending))
                 pending.clear()
                 self._budget = min(self._budget * 2, self.max_budget)
@@ -551,40 +679,62 @@ class Walker:
                 raise AgentProtocolError(f"agent sent {path!r} to the frontier, which is not owed")
         return ready
 
-    def _complete_early(self, path: bytes, entries: list[Entry], error: Optional[OSError],
-                        pending: dict[bytes, None], early: set[bytes]) -> None:
-        """:meth:`_complete`, then the subdirectories already sent to the frontier
+    def _queue_early(self, pending: dict[bytes, None], early: set[bytes], out: _Out) -> None:
+        """After :meth:`_complete`: the subdirectories already sent to the frontier
         (``early``) are queued instead of owed; void when the listing failed."""
-        if early and error is None and not early <= {_join(path, e.name) for e in entries if e.kind == KIND_DIR}:
-            raise AgentProtocolError(f"agent sent to the frontier what {path!r} does not hold")
-        self._complete(path, entries, error, pending)
-        if early and error is None:
+        if not out.batch[-1].error:
             for sub in early:
                 del pending[sub]
+            self._flush(out)
             self._requeue(list(early))
         early.clear()
 
-    def _skip(self, path: bytes, pending: dict[bytes, None]) -> None:
+    def _skip(self, path: bytes, pending: dict[bytes, None], out: _Out) -> None:
         """A path found by the walk that is a symlink now: not walked, as ``os.walk``."""
         del pending[path]
         self._followed(path)
-        self._deliver(_Dir(path, [], None, skipped=True))
+        out.batch.append(_Dir(path, [], None, skipped=True))
+        out.size += 1
 
-    def _complete(self, path: bytes, entries: list[Entry], error: Optional[OSError],
-                  pending: dict[bytes, None]) -> None:
-        """Hand one directory to the generator; its subdirectories become owed work."""
-        del pending[path]
-        self._followed(path)
-        if error is None and self.expand:
-            subdirs = [_join(path, e.name) for e in entries if e.kind == KIND_DIR]
+    def _complete(self, d: _Dir, pending: dict[bytes, None], out: _Out, early: Optional[set[bytes]] = None) -> None:
+        """Hand one directory to the generator (with the next :meth:`_flush`); its
+        subdirectories become owed work. ``early``: subdirectories it must hold."""
+        path = d.path
+        names = d.names
+        n = len(d.kinds) if names is not None else len(d._entries)  # type: ignore[arg-type]
+        if d.error is not None:
+            d._entries, d.names, d.kinds, d.targets = [], None, "", ""
+            n = 0
+        elif self.expand:
+            subdirs = None
+            if names is not None:
+                kinds = d.kinds
+                if KIND_DIR in kinds:
+                    dnames = list(compress(names, kinds.encode("ascii").translate(_DIR_FLAGS)))
+                    if not self._bytes:
+                        dnames = "\0".join(dnames).encode(FS_ENCODING, FS_ERRORS).split(b"\0")
+                    prefix = path if path.endswith(b"/") else path + b"/"
+                    subdirs = [prefix + sub for sub in dnames]
+            else:
+                subdirs = [_join(path, e.name) for e in d._entries if e.kind == KIND_DIR]  # type: ignore[union-attr]
+            if early and not early <= set(subdirs or ()):
+                raise AgentProtocolError(f"agent sent to the frontier what {path!r} does not hold")
             if subdirs:
-                self._outstanding_add(len(subdirs))
+                out.subdirs += len(subdirs)
                 pending.update(dict.fromkeys(subdirs))
-        elif error is not None:
-            entries = []
-        with self._results_ready:
-            self.entries += len(entries)
-        self._deliver(_Dir(path, entries, error))
+        del pending[path]
+        if self._follow and path in self._follow:
+            self._followed(path)
+        out.batch.append(d)
+        out.size += n + 1
+        out.entries += n
+
+    def _flush(self, out: _Out) -> None:
+        """Hand over what ``out`` gathered."""
+        if out.batch or out.subdirs:
+            self._deliver_batch(out.batch, out.size, out.entries, out.subdirs)
+            out.batch = []
+            out.size = out.entries = out.subdirs = 0
 
     def _followed(self, path: bytes) -> None:
         """Forget a path to follow once it is served, so the set holds only work owed."""
