@@ -197,7 +197,7 @@ class Agent:
     def slots(self) -> Slots:
         if self._slots is None:  # made on first use, inside the running loop
             c = self.config
-            self._slots = Slots(c.maxconnections, c.max_queue or 0, c.max_wait)
+            self._slots = Slots(c.maxconnections, c.max_queue or 0, c.max_wait, self.metrics.waiting.inc)
         return self._slots
 
     def authorized(self, request: web.BaseRequest) -> Optional[web.Response]:
@@ -524,54 +524,88 @@ class ProtocolLog(logging.LoggerAdapter):
         self.logger.debug(msg, *args, exc_info=exc_info, **kwargs)
 
 
-def _url(sockname: Any, tls: bool) -> str:
+def listen_url(sockname: Any, tls: bool) -> str:
+    """The URL of a listening address (as ``getsockname()`` gives it)."""
     host, port = sockname[0], sockname[1]
     scheme = "https" if tls else "http"
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-async def serve(config: AgentConfig, ready: Optional[Callable[[list[str]], None]] = None) -> None:
-    """Serve until SIGTERM or SIGINT, then let in-flight answers finish and return."""
+def announce(config: AgentConfig, urls: list[str]) -> None:
+    """The start-up lines: exports, the ``listening on`` line (which tests and the benchmark
+    read), limits, warnings. Logged once, by the one process or by the parent of several."""
+    for export in config.exports:
+        log.info("exporting %s as %s", os.fsdecode(export.local), os.fsdecode(export.remote))
+    log.info("diskover-storage-agent %s listening on %s", __version__, " ".join(urls))
+    log.info("limits: header-timeout %g s, body-timeout %g s, keepalive-timeout %g s, send-timeout %g s, "
+             "body-memory %g MiB", config.header_timeout, config.body_timeout, config.keepalive_timeout,
+             config.send_timeout, config.body_memory / 2**20)
+    if config.token is None:
+        log.warning("no --token-file: any client that can reach %s can list the exports", " ".join(urls))
+    if config.tls_cert is None:
+        log.warning("no --tls-cert: listings%s travel unencrypted", " and the token" if config.token else "")
+
+
+async def serve(
+    config: AgentConfig, ready: Optional[Callable[[list[str]], None]] = None, *,
+    sockets: Optional[list[Any]] = None, worker: Optional[str] = None, parent: Optional[int] = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then let in-flight answers finish and return.
+
+    Alone, the agent binds ``config.listen`` and logs its start-up lines. As one of several
+    worker processes (``worker`` names it in the log), it serves on the ``sockets`` its
+    parent bound and announced, and also stops when that parent (PID ``parent``) is gone.
+    """
     agent = Agent(config)
     # aiohttp's low-level server: no router, so that any path (newlines, invalid
     # UTF-8...) reaches the handler as the raw bytes the client sent.
     server = GuardedServer(agent.handle, access_log=None, logger=ProtocolLog(log, {}), timeouts=config.timeouts,
                            closed_by=lambda phase: agent.metrics.timed_out.labels(phase).inc(),
-                           max_line_size=MAX_LINE)
-    agent.metrics.watch(lambda: len(server.connections), lambda: agent.slots.waiting)
+                           counted=agent.metrics.connections.inc, max_line_size=MAX_LINE)
     runner = web.ServerRunner(server, shutdown_timeout=config.shutdown_timeout)
     ssl_context = tls_context(config)
     await runner.setup()
     try:
-        site = web.TCPSite(
-            runner, config.listen, config.port, reuse_address=True, backlog=1024, ssl_context=ssl_context
-        )
-        await site.start()
+        sites: list[web.BaseSite]
+        if sockets is None:
+            sites = [web.TCPSite(runner, config.listen, config.port, reuse_address=True, backlog=1024,
+                                 ssl_context=ssl_context)]
+        else:
+            sites = [web.SockSite(runner, sock, ssl_context=ssl_context) for sock in sockets]
+        for site in sites:
+            await site.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        urls = [_url(addr, ssl_context is not None) for addr in runner.addresses]
-        for export in config.exports:
-            log.info("exporting %s as %s", os.fsdecode(export.local), os.fsdecode(export.remote))
-        log.info("event loop: %s.%s", type(loop).__module__, type(loop).__qualname__)
-        log.info("diskover-storage-agent %s listening on %s", __version__, " ".join(urls))
-        log.info("limits: header-timeout %g s, body-timeout %g s, keepalive-timeout %g s, send-timeout %g s, "
-                 "body-memory %g MiB", config.header_timeout, config.body_timeout, config.keepalive_timeout,
-                 config.send_timeout, config.body_memory / 2**20)
-        if config.token is None:
-            log.warning("no --token-file: any client that can reach %s can list the exports", " ".join(urls))
-        if ssl_context is None:
-            log.warning("no --tls-cert: listings%s travel unencrypted",
-                        " and the token" if config.token else "")
+        urls = [listen_url(addr, ssl_context is not None) for addr in runner.addresses]
+        where = f"{type(loop).__module__}.{type(loop).__qualname__}"
+        if worker is None:
+            log.info("event loop: %s", where)
+            announce(config, urls)
+        else:
+            log.info("%s (pid %d, -c %d): event loop: %s", worker, os.getpid(), config.maxconnections, where)
+        orphaned = None if parent is None else asyncio.ensure_future(_orphaned(parent, stop))
         if ready is not None:
             ready(urls)
         await stop.wait()
-        log.info("stopping: finishing answers in flight")
+        if orphaned is not None:
+            orphaned.cancel()
+        if worker is None:
+            log.info("stopping: finishing answers in flight")
     finally:
         await _cleanup(runner, server, config.shutdown_timeout)
         agent.close()
-    log.info("stopped")
+    if worker is None:
+        log.info("stopped")
+
+
+async def _orphaned(parent: int, stop: asyncio.Event) -> None:
+    """Stop once the parent process is gone (where the kernel does not signal it)."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    log.warning("the parent process %d is gone: stopping", parent)
+    stop.set()
 
 
 async def _cleanup(runner: web.ServerRunner, server: web.Server, grace: float) -> None:
