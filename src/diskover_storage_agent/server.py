@@ -284,21 +284,16 @@ class Agent:
         if not await hold.admit():
             return busy_response()
         try:
-            try:
-                fd = await self.run(self.exports.open_found, found[0], found[1], path, not req.nofollow)
-            except IsSymlink:
-                return skip_response(req.fmt, path)
-            except OSError as exc:
-                return os_error_response(exc, path)
             if request.method == "HEAD":
-                os.close(fd)
+                try:
+                    await self.run(_probe, self.exports, found, path, not req.nofollow)
+                except IsSymlink:
+                    return skip_response(req.fmt, path)
+                except OSError as exc:
+                    return os_error_response(exc, path)
                 return web.Response(headers={**_HEADERS, "Content-Type": _CONTENT_TYPES[req.fmt]})
-            try:
-                lister: Reader = await self.run(_open_lister, fd, req, self.exports)
-            except OSError as exc:
-                os.close(fd)
-                return os_error_response(exc, path)
-            return await self._stream(request, lister, req.fmt, path, hold)
+            make = functools.partial(_open_lister, self.exports, found, req)
+            return await self._stream(request, make, req.fmt, path, hold)
         finally:
             hold.release()
 
@@ -384,32 +379,46 @@ class Agent:
             return busy_response()
         try:
             # Compiling the exclusions (SubtreeWalk's Filter) is CPU work too: in the pool, in the slot.
-            walk = await self.run(SubtreeWalk, self.exports, req, fmt)
-            return await self._stream(request, walk, fmt, None, hold, turns=True)
+            make = functools.partial(SubtreeWalk, self.exports, req, fmt)
+            return await self._stream(request, make, fmt, None, hold, turns=True)
         finally:
             hold.release()
 
     async def _stream(
-        self, request: web.BaseRequest, reader: Reader, fmt: str, path: Optional[bytes], hold: Hold,
+        self, request: web.BaseRequest, make: Callable[[], Reader], fmt: str, path: Optional[bytes], hold: Hold,
         turns: bool = False,
     ) -> web.StreamResponse:
-        """Send what ``reader`` produces: in one piece when it fits one chunk, else streamed.
-        The slot is held only while a chunk is read (or waits for its turn); with
+        """Send what the reader that ``make`` opens produces: in one piece when it fits one
+        chunk, else streamed. The reader is made and its first chunk read in one call to the
+        pool. The slot is held only while a chunk is read (or waits for its turn); with
         ``turns``, chunks are read in turns on the agent's :class:`Lane` (subtree walks)."""
         guard = threading.Lock()
+        gzip = accepts_gzip(request.headers.get("Accept-Encoding", ""))
 
-        async def read() -> bytes:
+        def start() -> tuple[Reader, bytes]:
+            reader = make()
+            if gzip:
+                reader = GzipReader(reader)
+            try:
+                with guard:
+                    return reader, reader.read()
+            except BaseException:
+                reader.close()
+                raise
+
+        async def read(fn: Callable[[], T]) -> T:
             if turns:
-                return await self.lane.run(self.run, functools.partial(_locked, guard, reader.read))
-            return await self.run(_locked, guard, reader.read)
+                return await self.lane.run(self.submit, fn)
+            return await self.submit(fn)
 
         record: RequestRecord = request["record"]
-        if accepts_gzip(request.headers.get("Accept-Encoding", "")):
-            reader = GzipReader(reader)
+        reader: Optional[Reader] = None
         self.metrics.in_flight.inc()
         try:
             try:
-                chunk = await read()
+                reader, chunk = await read(start)
+            except IsSymlink:
+                return skip_response(fmt, path or b"")
             except OSError as exc:
                 return os_error_response(exc, path or b"")
             finally:
@@ -424,7 +433,7 @@ class Agent:
             while not reader.done:
                 await hold.take()
                 try:
-                    chunk = await read()
+                    chunk = await read(functools.partial(_locked, guard, reader.read))
                 except OSError as exc:
                     chunk = reader.error_chunk(exc)
                     if chunk is None:
@@ -441,9 +450,22 @@ class Agent:
             return resp
         finally:
             self.metrics.in_flight.dec()
-            record.entries, record.directories = reader.entries, reader.directories
-            # Never block the loop on a close, nor race a read still running in the pool.
-            self.pool.submit(_locked, guard, reader.close)
+            if reader is not None:
+                record.entries, record.directories = reader.entries, reader.directories
+                if reader.done:  # nothing left open, no read under way: closed here
+                    reader.close()
+                else:  # never block the loop on a close, nor race a read still running in the pool
+                    self.pool.submit(_locked, guard, reader.close)
+
+    async def submit(self, fn: Callable[[], T]) -> T:
+        """``fn()`` in the pool. Cancelled while it runs, a reader it returns (alone or
+        first in a tuple) is closed when it ends, in the pool: nothing it opened is left."""
+        done = self.pool.submit(fn)
+        try:
+            return await asyncio.wrap_future(done)
+        except asyncio.CancelledError:
+            done.add_done_callback(_close_abandoned)
+            raise
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -470,14 +492,36 @@ def encode_info(config: AgentConfig) -> bytes:
     })
 
 
-def _open_lister(fd: int, req: ListingRequest, exports: ExportTable) -> Reader:
-    if req.fmt == "text":
-        return TextListing(fd, req.path)
+def _probe(exports: ExportTable, found: tuple[Any, tuple[bytes, ...]], path: bytes, follow: bool) -> None:
+    """Open the directory a HEAD request names and close it: raises what a listing would."""
+    os.close(exports.open_found(found[0], found[1], path, follow))
 
-    def inside(name: bytes) -> Optional[os.stat_result]:
-        return exports.stat_inside(req.path.rstrip(b"/") + b"/" + name)
 
-    return Listing(fd, req.path, req.fmt, req.want_stat, Filter.of(*req.exclusions), inside)
+def _open_lister(exports: ExportTable, found: tuple[Any, tuple[bytes, ...]], req: ListingRequest) -> Reader:
+    """The reader of a listing: opens the directory (raises ``OSError``, or ``IsSymlink``)."""
+    fd = exports.open_found(found[0], found[1], req.path, not req.nofollow)
+    try:
+        if req.fmt == "text":
+            return TextListing(fd, req.path)
+
+        def inside(name: bytes) -> Optional[os.stat_result]:
+            return exports.stat_inside(req.path.rstrip(b"/") + b"/" + name)
+
+        return Listing(fd, req.path, req.fmt, req.want_stat, Filter.of(*req.exclusions), inside)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _close_abandoned(done: Any) -> None:
+    """Close the reader a pool call made for a request that went away meanwhile."""
+    if done.cancelled() or done.exception() is not None:
+        return
+    reader = done.result()
+    while isinstance(reader, tuple):  # (reader, first chunk), inside the Lane's (result, cpu, wall)
+        reader = reader[0]
+    if hasattr(reader, "close"):
+        reader.close()
 
 
 def _statvfs(exports: ExportTable, export: Any, rel: tuple[bytes, ...], path: bytes) -> dict[str, int]:
