@@ -171,8 +171,13 @@ def test_children_die_with_the_parent(tree, start_agent):
     agent = start_agent([(REMOTE, str(tree))], processes=2)
     pids = [pid for pid, _ in children(agent, 2).values()]
     agent.kill()  # SIGKILL: the parent cannot tell anyone
-    for pid in pids:
-        wait_for(lambda pid=pid: gone(pid), what=f"child {pid} to end with its parent")
+    try:
+        for pid in pids:
+            wait_for(lambda pid=pid: gone(pid), what=f"child {pid} to end with its parent")
+    finally:
+        for pid in pids:  # none left behind, whatever the outcome
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
 
     def refused() -> bool:
         try:
