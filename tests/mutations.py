@@ -107,12 +107,6 @@ MUTATIONS: list[Mutation] = [
         "agent-uvloop", "the agent runs on asyncio's loop with uvloop installed", "diskover_storage_agent/cli.py",
         "runner = uvloop.run", "runner = asyncio.run",
         ("tests/test_cli.py::test_event_loop_is_uvloop_when_installed[True]",)),
-    Mutation(
-        "agent-lane-order", "walks waiting for a turn are served last come, first served",
-        "diskover_storage_agent/admission.py",
-        "turn = self._waiting.popleft()\n            if not turn.done():\n                turn.set_result(True)",
-        "turn = self._waiting.pop()\n            if not turn.done():\n                turn.set_result(True)",
-        ("tests/test_lane.py::test_cpu_reads_take_turns_in_order",)),
 
     # -- processes -----------------------------------------------------------------------
     Mutation(

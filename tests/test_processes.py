@@ -98,18 +98,21 @@ def test_each_process_serves_and_scrapes_sum_them_all(tree, start_agent):
     (one, c_one), (two, c_two) = kids[1], kids[2]
     assert {one, two}.isdisjoint({agent.pid}) and one != two
     assert sorted((c_one, c_two)) == [2, 3]  # -c 5 in all, split
+    # A request is counted just after its answer is sent: each block waits until its
+    # process has counted its last, before that process is stopped in the next block.
     with stopped(two):
         assert [listing(agent.port) for _ in range(3)] == [WANT] * 3  # all by process 1
+        wait_for(lambda: metrics(agent.port)[LISTED] == 3, what="3 listings counted")
     with stopped(one):
         assert [listing(agent.port) for _ in range(4)] == [WANT] * 4  # all by process 2
-        by_two = metrics(agent.port)
+        by_two = wait_for(lambda: (m := metrics(agent.port))[LISTED] == 7 and m, what="7 listings counted")
     with stopped(two):
         by_one = metrics(agent.port)
     for scraped in (by_two, by_one):
         assert scraped[LISTED] == 7
         assert scraped["diskover_agent_entries_total"] == 7 * 4
         assert scraped['diskover_agent_request_duration_seconds_count{endpoint="listing"}'] == 7
-    assert by_one['diskover_agent_requests_total{endpoint="metrics",status="200"}'] == 1  # the first scrape
+    assert by_one['diskover_agent_requests_total{endpoint="metrics",status="200"}'] >= 1  # process 2's scrapes
 
 
 def test_gauges_are_summed_over_live_processes(tree, start_agent):
@@ -144,6 +147,8 @@ def test_a_killed_process_is_replaced_and_its_counts_kept(tree, start_agent):
     with stopped(two):
         listing(agent.port)
         listing(agent.port)
+        # A request is counted once its answer is sent: wait until both are, by process 1.
+        wait_for(lambda: metrics(agent.port)[LISTED] == 2, what="process 1 to count its requests")
     os.kill(one, signal.SIGKILL)
     wait_for(lambda: any(re.search(rf"process 1 of 2 \(pid {one}\) was killed by SIGKILL: starting another", line)
                          for line in agent.log), what="the parent to see the child die")

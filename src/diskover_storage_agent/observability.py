@@ -8,9 +8,11 @@ and a scrape of any process renders the sum over all of them.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import time
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import msgspec
@@ -19,6 +21,29 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .config import METRICS_DIR_ENV
+
+#: Bytes of a metrics file's header: a file shorter than this is being created this instant.
+_HEADER = 8
+
+
+class SummedCollector(MultiProcessCollector):
+    """prometheus_client's multiprocess collector, passing over the files it cannot read
+    at this instant: one a worker is creating (still empty), or one removed as its
+    worker ended (the gauges of a dead worker), instead of failing the scrape."""
+
+    def collect(self) -> Iterable[Any]:
+        while True:
+            files = []
+            for name in glob.glob(os.path.join(self._path, "*.db")):
+                try:
+                    if os.path.getsize(name) >= _HEADER:
+                        files.append(name)
+                except OSError:
+                    pass
+            try:
+                return self.merge(files, accumulate=True)
+            except FileNotFoundError:  # removed meanwhile: list them again
+                continue
 
 access_log = logging.getLogger("diskover_storage_agent.access")
 
@@ -38,7 +63,7 @@ class Metrics:
         shared = os.environ.get(METRICS_DIR_ENV)
         if shared:
             self.scraped = CollectorRegistry()
-            MultiProcessCollector(self.scraped, path=shared)
+            SummedCollector(self.scraped, path=shared)
         else:
             self.scraped = r
         self.requests = Counter("diskover_agent_requests", "Requests answered, by endpoint and HTTP status",
@@ -57,9 +82,9 @@ class Metrics:
                                registry=r, multiprocess_mode="livesum")
         self.waiting = Gauge("diskover_agent_requests_waiting", "Requests waiting for a listing slot", registry=r,
                              multiprocess_mode="livesum")
-        self.walk_reads = Counter("diskover_agent_walk_reads",
-                                  "Chunks of subtree walks read: in turns, or at once because the reading "
-                                  "waits for the storage or a turn is stuck", ["how"], registry=r)
+        if shared:  # every metrics file made now, before this process takes any request
+            for endpoint in ("listing", "walk"):
+                self.latency.labels(endpoint)
         self.timed_out = Counter("diskover_agent_connections_timed_out",
                                  "Connections the agent closed because a client took too long, by phase",
                                  ["phase"], registry=r)

@@ -42,7 +42,7 @@ from diskover_agent.protocol import (
 )
 
 from . import __version__
-from .admission import Hold, Lane, Slots
+from .admission import Hold, Slots
 from .config import AgentConfig, tls_context
 from .exports import CONTROL_PREFIX, MAX_PATH, BadPath, ExportTable, IsSymlink, OutsideExport, split_path
 from .filters import MAX_PATTERNS, Filter
@@ -187,7 +187,6 @@ class Agent:
         self.config = config
         self.exports = ExportTable(config.exports)
         self.pool = ThreadPoolExecutor(max_workers=config.maxconnections, thread_name_prefix="diskover-fs")
-        self.lane = Lane(count=lambda how: self.metrics.walk_reads.labels(how).inc())
         self._token = config.token.encode("ascii") if config.token else None
         self._slots: Optional[Slots] = None
         self.metrics = Metrics()
@@ -380,18 +379,17 @@ class Agent:
         try:
             # Compiling the exclusions (SubtreeWalk's Filter) is CPU work too: in the pool, in the slot.
             make = functools.partial(SubtreeWalk, self.exports, req, fmt)
-            return await self._stream(request, make, fmt, None, hold, turns=True)
+            return await self._stream(request, make, fmt, None, hold)
         finally:
             hold.release()
 
     async def _stream(
         self, request: web.BaseRequest, make: Callable[[], Reader], fmt: str, path: Optional[bytes], hold: Hold,
-        turns: bool = False,
     ) -> web.StreamResponse:
         """Send what the reader that ``make`` opens produces: in one piece when it fits one
         chunk, else streamed. The reader is made and its first chunk read in one call to the
-        pool. The slot is held only while a chunk is read (or waits for its turn); with
-        ``turns``, chunks are read in turns on the agent's :class:`Lane` (subtree walks)."""
+        pool. The slot is held only while a chunk is read: a hung directory holds its own
+        thread and slot, and every other answer goes on."""
         guard = threading.Lock()
         gzip = accepts_gzip(request.headers.get("Accept-Encoding", ""))
 
@@ -406,17 +404,12 @@ class Agent:
                 reader.close()
                 raise
 
-        async def read(fn: Callable[[], T]) -> T:
-            if turns:
-                return await self.lane.run(self.submit, fn)
-            return await self.submit(fn)
-
         record: RequestRecord = request["record"]
         reader: Optional[Reader] = None
         self.metrics.in_flight.inc()
         try:
             try:
-                reader, chunk = await read(start)
+                reader, chunk = await self.submit(start)
             except IsSymlink:
                 return skip_response(fmt, path or b"")
             except OSError as exc:
@@ -433,7 +426,7 @@ class Agent:
             while not reader.done:
                 await hold.take()
                 try:
-                    chunk = await read(functools.partial(_locked, guard, reader.read))
+                    chunk = await self.submit(functools.partial(_locked, guard, reader.read))
                 except OSError as exc:
                     chunk = reader.error_chunk(exc)
                     if chunk is None:
@@ -518,7 +511,7 @@ def _close_abandoned(done: Any) -> None:
     if done.cancelled() or done.exception() is not None:
         return
     reader = done.result()
-    while isinstance(reader, tuple):  # (reader, first chunk), inside the Lane's (result, cpu, wall)
+    if isinstance(reader, tuple):  # (reader, first chunk)
         reader = reader[0]
     if hasattr(reader, "close"):
         reader.close()
