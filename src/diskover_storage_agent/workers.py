@@ -1,10 +1,18 @@
 """Worker processes: the agent on every core of the node.
 
-The parent binds the listening sockets, then forks ``--processes`` children, each running
-the whole agent (:func:`~.server.serve`) on the inherited sockets, so the kernel hands each
-new connection to one child waiting in ``accept`` (a pre-forked accept, as gunicorn's and
-uvicorn's ``--workers``; portable to systems whose ``SO_REUSEPORT`` does not balance). The
-parent forks before any thread or event loop exists in it, and then only supervises: it
+The parent binds the port, then forks ``--processes`` children, each running the whole
+agent (:func:`~.server.serve`). How new connections reach them:
+
+* On Linux, each child listens on sockets of its own bound to the same addresses with
+  ``SO_REUSEPORT`` (as nginx's ``reuseport``), and the kernel spreads new connections over
+  them by a hash of each connection's addresses. The parent's sockets, bound with
+  ``SO_REUSEPORT`` but not listening, only hold the port (``-p 0``: the one the kernel
+  chose) for the children and for those that replace them; they take no connection.
+* Elsewhere (no ``SO_REUSEPORT``, or one that does not balance, as FreeBSD's), the parent's
+  sockets listen and the children accept on the inherited ones: a pre-forked accept, as
+  gunicorn's and uvicorn's ``--workers``, where the process that waited least takes most.
+
+The parent forks before any thread or event loop exists in it, and then only supervises: it
 logs the start-up lines once, replaces a child that dies, forwards SIGTERM and SIGINT to
 the children and waits for them (each stops gracefully, as one agent does), and removes
 the directory in which the children keep their metrics. Children die with the parent
@@ -46,10 +54,19 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def bind(config: AgentConfig) -> list[socket.socket]:
-    """Listening sockets for ``-l`` and ``-p``, as asyncio's ``create_server`` binds them:
-    one for every address the host resolves to (IPv6 ones IPv6 only), ``SO_REUSEADDR``,
-    backlog 1024."""
+def reuseport() -> bool:
+    """Whether each worker process listens on its own sockets (``SO_REUSEPORT``, balanced
+    by the kernel: Linux) rather than on the parent's."""
+    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def bind(config: AgentConfig, reserve: bool = False) -> list[socket.socket]:
+    """Sockets for ``-l`` and ``-p``, as asyncio's ``create_server`` binds them: one for
+    every address the host resolves to (IPv6 ones IPv6 only), ``SO_REUSEADDR``. Listening
+    (backlog 1024); or, with ``reserve``, bound with ``SO_REUSEPORT`` and not listening:
+    the port held for the workers' own sockets (:func:`listen_like`). Raises OSError (the
+    address named) when an address cannot be bound, a port in use by a listening socket
+    included, even one that shares with ``SO_REUSEPORT``."""
     infos = socket.getaddrinfo(config.listen or None, config.port, socket.AF_UNSPEC, socket.SOCK_STREAM,
                                0, socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
@@ -59,17 +76,15 @@ def bind(config: AgentConfig) -> list[socket.socket]:
             if (family, addr) in seen:
                 continue
             seen.add((family, addr))
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(addr)
-            except OSError as exc:
-                raise OSError(exc.errno, f"error while attempting to bind on address {addr!r}: "
-                                         f"{exc.strerror}") from None
-            sock.listen(1024)
+            if reserve:
+                # A bind without SO_REUSEPORT first, so that a port another agent (of the
+                # same user) listens on is an error, not silently shared with it.
+                with _socket(family, addr, reuseport=False) as probe:
+                    addr = probe.getsockname()  # -p 0: the port the kernel chose
+                sockets.append(_socket(family, addr, reuseport=True))
+            else:
+                sockets.append(_socket(family, addr, reuseport=False))
+                sockets[-1].listen(1024)
     except BaseException:
         for sock in sockets:
             sock.close()
@@ -77,12 +92,48 @@ def bind(config: AgentConfig) -> list[socket.socket]:
     return sockets
 
 
+def listen_like(reserved: list[socket.socket]) -> list[socket.socket]:
+    """A worker's own listening sockets (backlog 1024), bound with ``SO_REUSEPORT`` to the
+    addresses of the parent's ``reserved`` sockets."""
+    sockets: list[socket.socket] = []
+    try:
+        for sock in reserved:
+            sockets.append(_socket(sock.family, sock.getsockname(), reuseport=True))
+            sockets[-1].listen(1024)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _socket(family: int, addr: Any, reuseport: bool) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            raise OSError(exc.errno, f"error while attempting to bind on address {addr!r}: "
+                                     f"{exc.strerror}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class Supervisor:
     """The parent of the worker processes (see the module's docstring)."""
 
-    def __init__(self, config: AgentConfig, sockets: list[socket.socket], runner: Runner) -> None:
+    def __init__(self, config: AgentConfig, sockets: list[socket.socket], runner: Runner, own: bool) -> None:
         self.config = config
         self.sockets = sockets
+        #: Whether each child listens on sockets of its own (``sockets`` only hold the port).
+        self.own = own
         self.runner = runner
         self.count = config.process_count
         self.pid = os.getpid()
@@ -145,7 +196,12 @@ class Supervisor:
             signalled = _die_with_parent(self.pid)
             from .server import serve
 
-            self.runner(serve(self.config.share(index), sockets=self.sockets,
+            sockets = self.sockets
+            if self.own:
+                sockets = listen_like(self.sockets)
+                for sock in self.sockets:
+                    sock.close()  # the parent's: it keeps them
+            self.runner(serve(self.config.share(index), sockets=sockets,
                               worker=f"process {index + 1} of {self.count}",
                               parent=None if signalled else self.pid))
             code = 0
@@ -197,7 +253,8 @@ def run(config: AgentConfig, runner: Runner, setup_logging: Callable[[], None]) 
     os.environ[METRICS_DIR_ENV] = shared  # before prometheus_client is imported, in every process
     try:
         setup_logging()
-        sockets = bind(config)
+        own = reuseport()
+        sockets = bind(config, reserve=own)
         try:
             from .server import announce, listen_url
 
@@ -205,7 +262,7 @@ def run(config: AgentConfig, runner: Runner, setup_logging: Callable[[], None]) 
             log.info("%d worker processes, -c %d in all (%s each)", config.process_count, config.maxconnections,
                      ", ".join(str(config.share(i).maxconnections) for i in range(config.process_count)))
             announce(config, [listen_url(sock.getsockname(), tls) for sock in sockets])
-            return Supervisor(config, sockets, runner).run()
+            return Supervisor(config, sockets, runner, own).run()
         finally:
             for sock in sockets:
                 sock.close()
