@@ -1,7 +1,8 @@
 """Worker processes (``--processes``): one parent binds the port and supervises, the
-children serve. Which child answers a connection is the kernel's choice, so the tests
-make it certain by stopping (SIGSTOP) the other child while they ask: a stopped process
-accepts nothing, and the connections go to the one that runs."""
+children serve. Which child takes a new connection is the kernel's choice (on Linux by a
+hash of the connection's addresses, over the children's own ``SO_REUSEPORT`` sockets), so
+a test that needs a given child opens connections until that child holds one: which child
+holds a connection the tests read from the kernel (psutil's per-process connections)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 
 from conftest import REMOTE, Agent, fuse_problem, http_get, slowfs_mounted, wait_for
@@ -60,25 +61,47 @@ def gone(pid: int) -> bool:
     return state(pid) in (None, "Z", "X")
 
 
-@contextmanager
-def stopped(pid: int) -> Iterator[None]:
-    """The process stopped (SIGSTOP) until the block ends: it accepts no connection meanwhile."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        wait_for(lambda: state(pid) == "T", what=f"pid {pid} to stop")
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
+def holder(agent: Agent, conn: http.client.HTTPConnection) -> int | None:
+    """The pid of the worker process holding the accepted end of ``conn``, None until one does."""
+    client_port = conn.sock.getsockname()[1]
+    for child in psutil.Process(agent.pid).children():
+        try:
+            held = child.net_connections("tcp")
+        except psutil.NoSuchProcess:
+            continue
+        if any(c.raddr and c.raddr.port == client_port and c.laddr.port == agent.port for c in held):
+            return child.pid
+    return None
 
 
-def listing(port: int) -> bytes:
-    status, _, body = http_get(port, REMOTE)
+def connect(agent: Agent, pid: int, host: str = "127.0.0.1") -> http.client.HTTPConnection:
+    """A connection to the agent held by its worker process ``pid``: new connections until
+    the kernel gives one to it (the others are closed). Every one must be taken by a worker."""
+    for _ in range(100):
+        conn = http.client.HTTPConnection(host, agent.port, timeout=10)
+        conn.connect()
+        if wait_for(lambda conn=conn: holder(agent, conn), what="a worker to accept the connection") == pid:
+            return conn
+        conn.close()
+    pytest.fail(f"no connection of 100 went to process {pid}")
+
+
+def ask(conn: http.client.HTTPConnection, target: str) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """One request on ``conn``, kept alive: ``(status, headers, body)``."""
+    conn.request("GET", target)
+    resp = conn.getresponse()
+    return resp.status, resp.headers, resp.read()
+
+
+def listing(conn: http.client.HTTPConnection) -> bytes:
+    status, _, body = ask(conn, REMOTE)
     assert status == 200, body
     return body
 
 
-def metrics(port: int) -> dict[str, float]:
-    status, _, body = http_get(port, "/_agent/metrics")
+def metrics(conn: http.client.HTTPConnection) -> dict[str, float]:
+    """A scrape answered by the worker process that holds ``conn``."""
+    status, _, body = ask(conn, "/_agent/metrics")
     assert status == 200
     out = {}
     for line in body.decode().splitlines():
@@ -86,6 +109,12 @@ def metrics(port: int) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
+
+
+def listening(pid: int, port: int) -> set[str]:
+    """The sockets (``socket:[inode]``) of process ``pid`` listening on ``port``."""
+    return {os.readlink(f"/proc/{pid}/fd/{c.fd}") for c in psutil.Process(pid).net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
 
 
 WANT = b"a\nb\nc\nsub/\n"  # the text listing of ``tree``
@@ -98,21 +127,48 @@ def test_each_process_serves_and_scrapes_sum_them_all(tree, start_agent):
     (one, c_one), (two, c_two) = kids[1], kids[2]
     assert {one, two}.isdisjoint({agent.pid}) and one != two
     assert sorted((c_one, c_two)) == [2, 3]  # -c 5 in all, split
-    # A request is counted just after its answer is sent: each block waits until its
-    # process has counted its last, before that process is stopped in the next block.
-    with stopped(two):
-        assert [listing(agent.port) for _ in range(3)] == [WANT] * 3  # all by process 1
-        wait_for(lambda: metrics(agent.port)[LISTED] == 3, what="3 listings counted")
-    with stopped(one):
-        assert [listing(agent.port) for _ in range(4)] == [WANT] * 4  # all by process 2
-        by_two = wait_for(lambda: (m := metrics(agent.port))[LISTED] == 7 and m, what="7 listings counted")
-    with stopped(two):
-        by_one = metrics(agent.port)
+    on_one, on_two = connect(agent, one), connect(agent, two)
+    assert [listing(on_one) for _ in range(3)] == [WANT] * 3
+    assert [listing(on_two) for _ in range(4)] == [WANT] * 4
+    # A request is counted just after its answer is sent: wait until all 7 are.
+    by_two = wait_for(lambda: (m := metrics(on_two))[LISTED] == 7 and m, what="7 listings counted")
+    by_one = metrics(on_one)
     for scraped in (by_two, by_one):
         assert scraped[LISTED] == 7
         assert scraped["diskover_agent_entries_total"] == 7 * 4
         assert scraped['diskover_agent_request_duration_seconds_count{endpoint="listing"}'] == 7
     assert by_one['diskover_agent_requests_total{endpoint="metrics",status="200"}'] >= 1  # process 2's scrapes
+    on_one.close()
+    on_two.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balances on Linux")
+def test_each_process_listens_on_a_socket_of_its_own(tree, start_agent):
+    """On Linux each worker listens on its own SO_REUSEPORT socket; the parent's socket
+    only holds the port (bound, not listening), so it takes no connection."""
+    agent = start_agent([(REMOTE, str(tree))], processes=2)
+    one, two = (pid for pid, _ in children(agent, 2).values())
+    own = wait_for(lambda: (got := (listening(one, agent.port), listening(two, agent.port))) and all(got) and got,
+                   what="both workers to listen")
+    assert own[0].isdisjoint(own[1])
+    assert listening(agent.pid, agent.port) == set()  # bound only (the kernel lists no such socket)
+
+
+def test_new_connections_are_spread_over_the_processes(tree, start_agent):
+    """32 connections at once: every one is taken by a worker (none waits on the parent's
+    socket), and both workers take some (all on one: a chance of 2**-31 by hash)."""
+    agent = start_agent([(REMOTE, str(tree))], processes=2)
+    pids = {pid for pid, _ in children(agent, 2).values()}
+    conns = [http.client.HTTPConnection("127.0.0.1", agent.port, timeout=10) for _ in range(32)]
+    try:
+        for conn in conns:
+            conn.connect()
+        held = [wait_for(lambda conn=conn: holder(agent, conn), what="a worker to accept") for conn in conns]
+        assert set(held) == pids
+        assert [listing(conn) for conn in conns] == [WANT] * 32
+    finally:
+        for conn in conns:
+            conn.close()
 
 
 def test_gauges_are_summed_over_live_processes(tree, start_agent):
@@ -121,50 +177,50 @@ def test_gauges_are_summed_over_live_processes(tree, start_agent):
     agent = start_agent([(REMOTE, str(tree))], processes=2)
     kids = children(agent, 2)
     one, two = kids[1][0], kids[2][0]
-    held = []
+    on_one, on_two = connect(agent, one), connect(agent, two)
     try:
-        for other in (two, one):
-            with stopped(other):
-                conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=10)
-                conn.request("GET", REMOTE)
-                assert conn.getresponse().read() == WANT
-                held.append(conn)  # kept alive, on process 1 then on process 2
-        with stopped(two):
-            assert metrics(agent.port)["diskover_agent_open_connections"] == 3  # the two held, and this one
+        for conn in (on_one, on_two):
+            assert listing(conn) == WANT  # each connection counted by now
+        assert metrics(on_two)["diskover_agent_open_connections"] == 2
         os.kill(one, signal.SIGKILL)
         new = wait_for(lambda: children(agent, 2)[1][0] != one and children(agent, 2)[1][0], what="a new process 1")
-        with stopped(new):
-            assert metrics(agent.port)["diskover_agent_open_connections"] == 2  # the one on process 2, and this
+        assert metrics(on_two)["diskover_agent_open_connections"] == 1  # process 1's is gone
+        on_new = connect(agent, new)
+        assert listing(on_new) == WANT
+        assert metrics(on_two)["diskover_agent_open_connections"] == 2
+        on_new.close()
     finally:
-        for conn in held:
-            conn.close()
+        on_one.close()
+        on_two.close()
 
 
 def test_a_killed_process_is_replaced_and_its_counts_kept(tree, start_agent):
+    """The new process listens on the same port (the parent holds it)."""
     agent = start_agent([(REMOTE, str(tree))], processes=2)
     kids = children(agent, 2)
-    one, two = kids[1][0], kids[2][0]
-    with stopped(two):
-        listing(agent.port)
-        listing(agent.port)
-        # A request is counted once its answer is sent: wait until both are, by process 1.
-        wait_for(lambda: metrics(agent.port)[LISTED] == 2, what="process 1 to count its requests")
+    one = kids[1][0]
+    on_one = connect(agent, one)
+    assert [listing(on_one), listing(on_one)] == [WANT] * 2
+    # A request is counted once its answer is sent: wait until both are, by process 1.
+    wait_for(lambda: metrics(on_one)[LISTED] == 2, what="process 1 to count its requests")
+    on_one.close()
     os.kill(one, signal.SIGKILL)
     wait_for(lambda: any(re.search(rf"process 1 of 2 \(pid {one}\) was killed by SIGKILL: starting another", line)
                          for line in agent.log), what="the parent to see the child die")
     new = wait_for(lambda: children(agent, 2)[1][0] != one and children(agent, 2)[1][0], what="a new process 1")
     wait_for(lambda: gone(one), what="the killed child to be reaped")
     assert state(new) is not None and not gone(new)
-    with stopped(two):
-        assert listing(agent.port) == WANT  # by the new process 1
-        assert metrics(agent.port)[LISTED] == 3  # the killed one's two still count
+    on_new = connect(agent, new)
+    assert listing(on_new) == WANT
+    assert wait_for(lambda: metrics(on_new)[LISTED] == 3, what="3 listings counted")  # the killed one's two too
+    on_new.close()
     assert agent.proc.poll() is None
 
 
 def test_sigterm_stops_every_process_and_exits_0(tree, start_agent):
     agent = start_agent([(REMOTE, str(tree))], processes=2)
     pids = [pid for pid, _ in children(agent, 2).values()]
-    listing(agent.port)
+    assert http_get(agent.port, REMOTE)[2] == WANT
     assert agent.terminate() == 0
     assert all(state(pid) is None for pid in pids)  # stopped, and reaped by the parent
     assert any(line.rstrip().endswith(" stopped") for line in agent.log)
@@ -197,7 +253,7 @@ def test_children_die_with_the_parent(tree, start_agent):
 def test_c_1_means_one_process(tree, start_agent):
     """No more processes than -c: with -c 1 the agent serves alone, unforked, as before."""
     agent = start_agent([(REMOTE, str(tree))], processes=4, extra=("-c", "1"))
-    assert listing(agent.port) == WANT
+    assert http_get(agent.port, REMOTE)[2] == WANT
     with open(f"/proc/{agent.pid}/task/{agent.pid}/children") as f:
         assert f.read().split() == []
     assert not any(_CHILD.search(line) for line in agent.log)
@@ -213,13 +269,10 @@ def test_ipv6_listen_with_processes(tree, start_agent):
             pytest.skip("no IPv6 loopback")
         raise
     assert agent.url.startswith("http://[::1]:")
-    kids = children(agent, 2)
-    for other in (kids[2][0], kids[1][0]):
-        with stopped(other):
-            conn = http.client.HTTPConnection("::1", agent.port, timeout=10)
-            conn.request("GET", REMOTE)
-            assert conn.getresponse().read() == WANT
-            conn.close()
+    for pid, _ in children(agent, 2).values():
+        conn = connect(agent, pid, host="::1")
+        assert listing(conn) == WANT
+        conn.close()
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])
@@ -271,24 +324,24 @@ def test_503_at_a_process_limit(gated, start_agent):
     agent = start_agent([(REMOTE, str(gated.mnt))], processes=2, extra=("-c", "2", "--max-queue", "0"))
     kids = children(agent, 2)
     assert [c for _, c in kids.values()] == [1, 1]
-    with stopped(kids[2][0]):
-        slow = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=60)
-        slow.request("GET", REMOTE + "/slow0")
-        wait_for(lambda: started_listings(gated.log) == 1, what="the hung listing to start")
-        status, headers, body = http_get(agent.port, REMOTE + "/fast")
-        assert (status, headers["Retry-After"], json.loads(body)["error"]) == (503, "1", "busy")
-        gated.gate.touch()
-        assert slow.getresponse().read() == b"a\nb\n"
-        slow.close()
+    one = kids[1][0]
+    slow, fast = connect(agent, one), connect(agent, one)
+    slow.request("GET", REMOTE + "/slow0")
+    wait_for(lambda: started_listings(gated.log) == 1, what="the hung listing to start")
+    status, headers, body = ask(fast, REMOTE + "/fast")
+    assert (status, headers["Retry-After"], json.loads(body)["error"]) == (503, "1", "busy")
+    gated.gate.touch()
+    assert slow.getresponse().read() == b"a\nb\n"
+    slow.close()
+    fast.close()
 
 
 def test_sigterm_lets_answers_in_flight_finish(gated, start_agent):
     agent = start_agent([(REMOTE, str(gated.mnt))], processes=2)
     kids = children(agent, 2)
-    with stopped(kids[2][0]):
-        slow = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=60)
-        slow.request("GET", REMOTE + "/slow1")
-        wait_for(lambda: started_listings(gated.log) == 1, what="the hung listing to start")
+    slow = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=60)
+    slow.request("GET", REMOTE + "/slow1")
+    wait_for(lambda: started_listings(gated.log) == 1, what="the hung listing to start")
     agent.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: any("stopping: finishing answers in flight" in line for line in agent.log), what="the stop")
     assert agent.proc.poll() is None  # waiting for the answer in flight

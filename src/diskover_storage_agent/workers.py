@@ -72,7 +72,7 @@ def bind(config: AgentConfig, reserve: bool = False) -> list[socket.socket]:
     sockets: list[socket.socket] = []
     seen = set()
     try:
-        for family, kind, proto, _name, addr in infos:
+        for family, _kind, _proto, _name, addr in infos:
             if (family, addr) in seen:
                 continue
             seen.add((family, addr))
