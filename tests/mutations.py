@@ -153,6 +153,32 @@ MUTATIONS: list[Mutation] = [
         "signalled = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0", "signalled = True",
         ("tests/test_processes.py::test_children_die_with_the_parent",)),
 
+    Mutation(
+        "processes-reuseport-unset", "reuseport not set: the workers share the parent's one listening socket",
+        "diskover_storage_agent/workers.py",
+        'return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")', "return False",
+        ("tests/test_processes.py::test_each_process_listens_on_a_socket_of_its_own",)),
+    Mutation(
+        "processes-parent-listens", "the parent's socket that holds the port listens too: its share of new "
+        "connections is never accepted", "diskover_storage_agent/workers.py",
+        "                sockets.append(_socket(family, addr, reuseport=True))\n",
+        "                sockets.append(_socket(family, addr, reuseport=True))\n"
+        "                sockets[-1].listen(8)\n",
+        ("tests/test_processes.py::test_each_process_listens_on_a_socket_of_its_own",
+         "tests/test_processes.py::test_new_connections_are_spread_over_the_processes")),
+    Mutation(
+        "processes-port-not-kept", "each worker binds a port of its own, not the parent's",
+        "diskover_storage_agent/workers.py",
+        "sockets.append(_socket(sock.family, sock.getsockname(), reuseport=True))",
+        "sockets.append(_socket(sock.family, (sock.getsockname()[0], 0), reuseport=True))",
+        ("tests/test_processes.py::test_each_process_serves_and_scrapes_sum_them_all",
+         "tests/test_processes.py::test_new_connections_are_spread_over_the_processes")),
+    Mutation(
+        "processes-port-shared", "a port another agent serves is shared with it (SO_REUSEPORT), not an error",
+        "diskover_storage_agent/workers.py",
+        "with _socket(family, addr, reuseport=False) as probe:", "with _socket(family, addr, reuseport=True) as probe:",
+        ("tests/test_processes.py::test_a_port_another_agent_serves_is_an_error",)),
+
     # -- the client and the scanner ---------------------------------------------------------
     Mutation("scanner-gid-as-uid", "the scanner's stat() gives gid as st_uid", "diskover_agent/scanner/records.py",
              "st_gid = property(lambda self: self._f[5])", "st_gid = property(lambda self: self._f[4])",

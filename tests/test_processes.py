@@ -171,6 +171,19 @@ def test_new_connections_are_spread_over_the_processes(tree, start_agent):
             conn.close()
 
 
+def test_a_port_another_agent_serves_is_an_error(tree, start_agent):
+    """SO_REUSEPORT would let a second agent (of the same user) share the port and take
+    half its connections: it must fail to start instead, as on a port in use."""
+    first = start_agent([(REMOTE, str(tree))], processes=2)
+    children(first, 2)
+    r = subprocess.run([sys.executable, "-m", "diskover_storage_agent", "-l", "127.0.0.1", "-p", str(first.port),
+                        "-r", REMOTE, str(tree), "--processes", "2"],
+                       capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2, r.stderr
+    assert "in use" in r.stderr and str(first.port) in r.stderr
+    assert "listening on" not in r.stderr
+
+
 def test_gauges_are_summed_over_live_processes(tree, start_agent):
     """Open connections on both processes count in the sum; those of a process that was
     killed stop counting once it is gone."""
