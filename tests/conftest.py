@@ -28,11 +28,15 @@ REMOTE = "/mnt/isilon"
 
 
 class Agent:
-    """A running ``diskover-storage-agent`` process."""
+    """A running ``diskover-storage-agent`` process: one process serving (``--processes 1``,
+    as the agent was before it had worker processes) unless the test asks for more
+    (``processes``; None: the agent's default, one per CPU)."""
 
     def __init__(self, exports: list[tuple[str, str]], *, listen: str = "127.0.0.1", nocaps: bool = False,
-                 extra: tuple[str, ...] = (), timeout: float = 20.0) -> None:
+                 extra: tuple[str, ...] = (), timeout: float = 20.0, processes: int | None = 1) -> None:
         cmd = [sys.executable, "-m", "diskover_storage_agent", "-l", listen, "-p", "0"]
+        if processes is not None:
+            cmd += ["--processes", str(processes)]
         for remote, local in exports:
             cmd += ["-r", remote, local]
         cmd += list(extra)

@@ -112,12 +112,77 @@ MUTATIONS: list[Mutation] = [
         "agent-uvloop", "the agent runs on asyncio's loop with uvloop installed", "diskover_storage_agent/cli.py",
         "runner = uvloop.run", "runner = asyncio.run",
         ("tests/test_cli.py::test_event_loop_is_uvloop_when_installed[True]",)),
+
+    # -- processes -----------------------------------------------------------------------
     Mutation(
-        "agent-lane-order", "walks waiting for a turn are served last come, first served",
-        "diskover_storage_agent/admission.py",
-        "turn = self._waiting.popleft()\n            if not turn.done():\n                turn.set_result(True)",
-        "turn = self._waiting.pop()\n            if not turn.done():\n                turn.set_result(True)",
-        ("tests/test_lane.py::test_cpu_reads_take_turns_in_order",)),
+        "processes-never-forked", "--processes N serves with one process", "diskover_storage_agent/config.py",
+        "return min(self.processes, self.maxconnections)", "return 1",
+        ("tests/test_processes.py::test_each_process_serves_and_scrapes_sum_them_all",)),
+    Mutation(
+        "processes-more-than-c", "more worker processes than -c", "diskover_storage_agent/config.py",
+        "return min(self.processes, self.maxconnections)", "return self.processes",
+        ("tests/test_processes.py::test_c_1_means_one_process",)),
+    Mutation(
+        "processes-c-not-split", "every worker process gets the whole -c", "diskover_storage_agent/config.py",
+        "mine = self.maxconnections // n + (index < self.maxconnections % n)", "mine = self.maxconnections",
+        ("tests/test_processes.py::test_each_process_serves_and_scrapes_sum_them_all",
+         "tests/test_processes.py::test_503_at_a_process_limit")),
+    Mutation(
+        "processes-zero-accepted", "--processes 0 accepted", "diskover_storage_agent/config.py",
+        "if self.processes < 1:", "if self.processes < 0:",
+        ("tests/test_processes.py::test_processes_must_be_at_least_1[0]",)),
+    Mutation(
+        "processes-metrics-not-summed", "a scrape answers the metrics of the process scraped only",
+        "diskover_storage_agent/observability.py", "return generate_latest(self.scraped)",
+        "return generate_latest(self.registry)",
+        ("tests/test_processes.py::test_each_process_serves_and_scrapes_sum_them_all",)),
+    Mutation(
+        "processes-dead-gauges-kept", "the gauges of a dead worker still count", "diskover_storage_agent/workers.py",
+        "            _forget(pid)\n", "",
+        ("tests/test_processes.py::test_gauges_are_summed_over_live_processes",)),
+    Mutation(
+        "processes-not-replaced", "a worker that dies is not replaced", "diskover_storage_agent/workers.py",
+        "            if not self.stopping:\n                self._spawn(index)",
+        "            if not self.stopping:\n                pass",
+        ("tests/test_processes.py::test_a_killed_process_is_replaced_and_its_counts_kept",)),
+    Mutation(
+        "processes-sigterm-kept", "SIGTERM is not passed on to the workers", "diskover_storage_agent/workers.py",
+        "                os.kill(pid, signal.SIGTERM)", "                pass",
+        ("tests/test_processes.py::test_sigterm_stops_every_process_and_exits_0",)),
+    Mutation(
+        "processes-exit-status", "the parent exits 1 after a graceful stop", "diskover_storage_agent/workers.py",
+        '        log.info("stopped")\n        return 0', '        log.info("stopped")\n        return 1',
+        ("tests/test_processes.py::test_sigterm_stops_every_process_and_exits_0",)),
+    Mutation(
+        "processes-orphans-live", "workers outlive a parent killed with SIGKILL", "diskover_storage_agent/workers.py",
+        "signalled = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0", "signalled = True",
+        ("tests/test_processes.py::test_children_die_with_the_parent",)),
+
+    Mutation(
+        "processes-reuseport-unset", "reuseport not set: the workers share the parent's one listening socket",
+        "diskover_storage_agent/workers.py",
+        'return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")', "return False",
+        ("tests/test_processes.py::test_each_process_listens_on_a_socket_of_its_own",)),
+    Mutation(
+        "processes-parent-listens", "the parent's socket that holds the port listens too: its share of new "
+        "connections is never accepted", "diskover_storage_agent/workers.py",
+        "                sockets.append(_socket(family, addr, reuseport=True))\n",
+        "                sockets.append(_socket(family, addr, reuseport=True))\n"
+        "                sockets[-1].listen(8)\n",
+        ("tests/test_processes.py::test_each_process_listens_on_a_socket_of_its_own",
+         "tests/test_processes.py::test_new_connections_are_spread_over_the_processes")),
+    Mutation(
+        "processes-port-not-kept", "each worker binds a port of its own, not the parent's",
+        "diskover_storage_agent/workers.py",
+        "sockets.append(_socket(sock.family, sock.getsockname(), reuseport=True))",
+        "sockets.append(_socket(sock.family, (sock.getsockname()[0], 0), reuseport=True))",
+        ("tests/test_processes.py::test_each_process_serves_and_scrapes_sum_them_all",
+         "tests/test_processes.py::test_new_connections_are_spread_over_the_processes")),
+    Mutation(
+        "processes-port-shared", "a port another agent serves is shared with it (SO_REUSEPORT), not an error",
+        "diskover_storage_agent/workers.py",
+        "with _socket(family, addr, reuseport=False) as probe:", "with _socket(family, addr, reuseport=True) as probe:",
+        ("tests/test_processes.py::test_a_port_another_agent_serves_is_an_error",)),
 
     # -- the client and the scanner ---------------------------------------------------------
     Mutation("scanner-gid-as-uid", "the scanner's stat() gives gid as st_uid", "diskover_agent/scanner/records.py",

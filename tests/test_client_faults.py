@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from aiohttp import web
 
@@ -20,7 +22,7 @@ from diskover_agent import AgentConnection, parallel_walk
 from diskover_agent.errors import AgentConnectionError
 from diskover_agent.protocol import PROTOCOL_HEADER
 
-from conftest import HAVE_SETPRIV, IS_ROOT, REMOTE, FrontServer, as_bytes_rows, reference_walk
+from conftest import HAVE_SETPRIV, IS_ROOT, REMOTE, FrontServer, as_bytes_rows, reference_walk, wait_for
 
 needs_nocaps = pytest.mark.skipif(IS_ROOT and not HAVE_SETPRIV, reason="needs setpriv to drop root's capabilities")
 
@@ -184,6 +186,36 @@ def test_agent_killed_and_restarted_on_the_same_port(big_tree, start_agent):
     assert len(rows) == len(expected)  # nothing listed twice
     assert as_bytes_rows(rows) == expected
     assert took < 15
+
+
+def test_worker_process_killed_mid_walk(big_tree, start_agent):
+    """A 2-process agent whose worker holding the walk's connections is SIGKILLed mid-walk:
+    its connections (and those waiting in its accept queue) are reset, the walk engine
+    requeues what they carried, and the walk through the other workers is still exact."""
+    top, expected = big_tree
+    agent = start_agent([(REMOTE, str(top))], processes=2, extra=("-v",))
+
+    def held() -> dict[int, int]:  # worker pid -> connections it holds from this client
+        out = {}
+        for child in psutil.Process(agent.pid).children():
+            try:
+                out[child.pid] = sum(c.laddr.port == agent.port and c.status == psutil.CONN_ESTABLISHED
+                                     for c in child.net_connections("tcp"))
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    walk = parallel_walk(REMOTE, hosts=[agent.hostspec], workers=4, retry_for=20, max_budget=16)
+    rows = [next(walk) for _ in range(20)]
+    # The walk's connections come and go: kill a worker while it holds one.
+    victim = wait_for(lambda: next((pid for pid, n in held().items() if n), None), what="a walk connection")
+    before = walk_requests(agent)
+    os.kill(victim, signal.SIGKILL)
+    rows += list(walk)
+    assert walk_requests(agent) > before, "the walk had finished before the kill: nothing was tested"
+    assert any(f"(pid {victim}) was killed by SIGKILL" in line for line in agent.log)
+    assert len(rows) == len(expected)  # nothing listed twice
+    assert as_bytes_rows(rows) == expected
 
 
 def test_port_that_stops_accepting_raises_within_retry_for(big_tree, start_agent):

@@ -78,8 +78,7 @@ def timed_walk(port: int, path: str) -> tuple[int, float, bytes]:
 
 
 def test_slow_subtree_walk_does_not_stall_other_walks(slowfs, start_agent):
-    # Subtree walks take turns on the agent's lane; a turn stuck in a slow directory
-    # must not keep the others waiting for it.
+    # A walk stuck in a slow directory must not keep the others waiting for it.
     agent = start_agent([(REMOTE, str(slowfs.mnt))])
     slowfs.started_log.unlink(missing_ok=True)
     with ThreadPoolExecutor(2) as pool:
@@ -92,13 +91,6 @@ def test_slow_subtree_walk_does_not_stall_other_walks(slowfs, start_agent):
     assert fast_time < SLOW / 2
     assert slow_status == 200 and b'"a"' in slow_body
     assert slow_time >= SLOW * 0.9
-    conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=10)
-    conn.request("GET", "/_agent/metrics")
-    metrics = conn.getresponse().read().decode()
-    conn.close()
-    # the slow walk read in its turn, which got stuck; the fast one went ahead without a turn
-    assert 'diskover_agent_walk_reads_total{how="turn"} 1.0' in metrics
-    assert 'diskover_agent_walk_reads_total{how="stuck"} 1.0' in metrics
 
 
 def test_maxconnections_queues_instead_of_dropping(slowfs, start_agent):

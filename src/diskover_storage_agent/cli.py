@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import resource
 import sys
@@ -26,6 +25,7 @@ from .config import (
     DEFAULT_PORT,
     DEFAULT_QUEUE,
     DEFAULT_SEND_TIMEOUT,
+    METRICS_DIR_ENV,
     TOKEN_ENV,
     AgentConfig,
     ConfigError,
@@ -33,9 +33,10 @@ from .config import (
     read_token_file,
     tls_context,
 )
-from .observability import setup_logging
-from .readloop import READ_LOOP
-from .server import serve
+from .workers import cpu_count
+
+# Neither .server nor .observability is imported here: prometheus_client must be imported
+# only once METRICS_DIR_ENV says whether the metrics are kept for several processes.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,8 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most listings served at once; more wait in line "
                         f"(default: {DEFAULT_MAXCONNECTIONS})")
     p.add_argument("--max-queue", type=int, default=DEFAULT_QUEUE, metavar="N",
-                   help="requests that may wait for a listing slot; more get 503 with Retry-After "
-                        f"(default: {DEFAULT_QUEUE})")
+                   help="requests that may wait for a listing slot, in each process; more get 503 with "
+                        f"Retry-After (default: {DEFAULT_QUEUE})")
+    p.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="worker processes serving the same port, each with its share of -c (never more "
+                        f"processes than -c) (default: the number of CPUs, here {cpu_count()})")
     p.add_argument("-r", "--replacepath", nargs=2, action="append", metavar=("REMOTE", "LOCAL"),
                    help="export LOCAL directory as REMOTE path, e.g. -r /mnt/isilon /ifs/data "
                         "(repeat for more exports; required, here or in --config)")
@@ -77,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a client that reads none of its answer for this long is disconnected "
                           f"(default: {DEFAULT_SEND_TIMEOUT:g})")
     lim.add_argument("--body-memory", type=int, default=DEFAULT_BODY_MEMORY_MIB, metavar="MIB",
-                     help="request bodies being received, in all; past it a walk request gets 503 "
+                     help="request bodies being received, in each process; past it a walk request gets 503 "
                           f"(default: {DEFAULT_BODY_MEMORY_MIB})")
     sec = p.add_argument_group("security")
     sec.add_argument("--token-file", metavar="FILE",
@@ -149,7 +153,6 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    setup_logging(args.verbose, args.log_format)
     try:
         token = read_token_file(args.token_file) if args.token_file else os.environ.get(TOKEN_ENV) or None
         config = AgentConfig(
@@ -159,20 +162,34 @@ def main(argv: Optional[list[str]] = None) -> int:
             header_timeout=args.header_timeout, body_timeout=args.body_timeout,
             keepalive_timeout=args.keepalive_timeout, send_timeout=args.send_timeout,
             body_memory=args.body_memory * 2**20,
+            processes=cpu_count() if args.processes is None else args.processes,
         )
         tls_context(config)  # fail now, with a clear message, on a bad certificate or key
     except ConfigError as exc:
         print(f"diskover-storage-agent: error: {exc}", file=sys.stderr)
         return 2
     _raise_open_files_limit()
-    logging.getLogger("diskover_storage_agent").info("read loop: %s", READ_LOOP)
     try:
         import uvloop  # optional extra: a faster event loop
     except ImportError:
         runner = asyncio.run
     else:
         runner = uvloop.run
+
+    def logging_on() -> None:
+        from .observability import setup_logging
+
+        setup_logging(args.verbose, args.log_format)
+
     try:
+        if config.process_count > 1:
+            from . import workers
+
+            return workers.run(config, runner, logging_on)
+        os.environ.pop(METRICS_DIR_ENV, None)  # one process: its own metrics, whatever the environment says
+        logging_on()
+        from .server import serve
+
         runner(serve(config))
     except OSError as exc:  # e.g. address in use
         print(f"diskover-storage-agent: error: {exc}", file=sys.stderr)

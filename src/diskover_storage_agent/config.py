@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import ssl
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ DEFAULT_BODY_MEMORY_MIB = 64
 _MAX_TIMEOUT = 86400.0
 #: Environment variable holding the bearer token (for containers), like --token-file.
 TOKEN_ENV = "DISKOVER_AGENT_TOKEN"
+#: prometheus_client's multiprocess mode: the directory where worker processes keep their metrics.
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class ConfigError(ValueError):
@@ -53,8 +56,10 @@ class AgentConfig:
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
     send_timeout: float = DEFAULT_SEND_TIMEOUT
-    #: Bytes of request bodies being received (or waiting for a slot) in all.
+    #: Bytes of request bodies being received (or waiting for a slot) in all (per process).
     body_memory: int = DEFAULT_BODY_MEMORY_MIB * 2**20
+    #: Worker processes asked for (``--processes``); see :attr:`process_count`.
+    processes: int = 1
 
     def __post_init__(self) -> None:
         if not self.exports:
@@ -63,6 +68,8 @@ class AgentConfig:
             raise ConfigError(f"port {self.port} is not between 0 and 65535")
         if self.maxconnections < 1:
             raise ConfigError("--maxconnections must be at least 1")
+        if self.processes < 1:
+            raise ConfigError("--processes must be at least 1")
         if self.max_queue < 0:
             raise ConfigError("the queue length cannot be negative")
         if self.token is not None:
@@ -95,6 +102,18 @@ class AgentConfig:
                 raise ConfigError(f"-r REMOTE {os.fsdecode(export.remote)!r} is given twice")
             seen.add(export.remote_parts)
         check_not_nested(self.exports)
+
+    @property
+    def process_count(self) -> int:
+        """Worker processes to run: ``--processes``, but no more than ``-c``, the listings
+        served at once in all, of which each process gets its share (at least one)."""
+        return min(self.processes, self.maxconnections)
+
+    def share(self, index: int) -> AgentConfig:
+        """The settings of worker process ``index`` (from 0): its share of ``-c``."""
+        n = self.process_count
+        mine = self.maxconnections // n + (index < self.maxconnections % n)
+        return dataclasses.replace(self, maxconnections=mine, processes=1)
 
     @property
     def timeouts(self) -> Timeouts:

@@ -219,13 +219,27 @@ def _peer(transport: asyncio.BaseTransport) -> str:
 
 
 class GuardedServer(web.Server):
-    """aiohttp's low-level server, whose connections are :class:`GuardedConnection`."""
+    """aiohttp's low-level server, whose connections are :class:`GuardedConnection`;
+    ``counted`` is told +1 and -1 as connections open and close."""
 
     def __init__(self, handler: Any, *, timeouts: Timeouts, closed_by: Callable[[str], None],
-                 **kwargs: Any) -> None:
+                 counted: Optional[Callable[[int], None]] = None, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._timeouts = timeouts
         self._closed_by = closed_by
+        self._counted = counted or (lambda _n: None)
+        self._open: set[RequestHandler] = set()
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self._open.add(handler)
+        self._counted(1)
+
+    def connection_lost(self, handler: RequestHandler, exc: Optional[BaseException] = None) -> None:
+        if handler in self._open:
+            self._open.discard(handler)
+            self._counted(-1)
+        super().connection_lost(handler, exc)
 
     def __call__(self) -> GuardedConnection:
         return GuardedConnection(self, loop=self._loop, timeouts=self._timeouts, closed_by=self._closed_by,

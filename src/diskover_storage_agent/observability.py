@@ -1,15 +1,49 @@
-"""What the agent tells its operators: Prometheus metrics, access log lines, log format."""
+"""What the agent tells its operators: Prometheus metrics, access log lines, log format.
+
+With worker processes, every process writes its metrics to files in the directory that
+``PROMETHEUS_MULTIPROC_DIR`` names (prometheus_client's multiprocess mode, chosen when
+prometheus_client is imported: the variable must be set before this module is imported),
+and a scrape of any process renders the sum over all of them.
+"""
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from .config import METRICS_DIR_ENV
+
+#: Bytes of a metrics file's header: a file shorter than this is being created this instant.
+_HEADER = 8
+
+
+class SummedCollector(MultiProcessCollector):
+    """prometheus_client's multiprocess collector, passing over the files it cannot read
+    at this instant: one a worker is creating (still empty), or one removed as its
+    worker ended (the gauges of a dead worker), instead of failing the scrape."""
+
+    def collect(self) -> Iterable[Any]:
+        while True:
+            files = []
+            for name in glob.glob(os.path.join(self._path, "*.db")):
+                try:
+                    if os.path.getsize(name) >= _HEADER:
+                        files.append(name)
+                except OSError:
+                    pass
+            try:
+                return self.merge(files, accumulate=True)
+            except FileNotFoundError:  # removed meanwhile: list them again
+                continue
 
 access_log = logging.getLogger("diskover_storage_agent.access")
 
@@ -18,11 +52,20 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 
 class Metrics:
-    """The agent's Prometheus metrics, in a registry of its own."""
+    """The agent's Prometheus metrics, in a registry of its own; summed over the worker
+    processes when prometheus_client runs in multiprocess mode. Gauges are moved with
+    ``inc``/``dec`` (multiprocess mode has no ``set_function``) and summed over the live
+    processes."""
 
     def __init__(self) -> None:
         disable_created_metrics()  # no *_created series: node_exporter style
         r = self.registry = CollectorRegistry()
+        shared = os.environ.get(METRICS_DIR_ENV)
+        if shared:
+            self.scraped = CollectorRegistry()
+            SummedCollector(self.scraped, path=shared)
+        else:
+            self.scraped = r
         self.requests = Counter("diskover_agent_requests", "Requests answered, by endpoint and HTTP status",
                                 ["endpoint", "status"], registry=r)
         self.latency = Histogram("diskover_agent_request_duration_seconds",
@@ -33,24 +76,22 @@ class Metrics:
         self.bytes_sent = Counter("diskover_agent_response_bytes", "Bytes of answer bodies sent", registry=r)
         self.errors = Counter("diskover_agent_errors", "Failed requests and directories, by error code",
                               ["error"], registry=r)
-        self.connections = Gauge("diskover_agent_open_connections", "Client connections open", registry=r)
+        self.connections = Gauge("diskover_agent_open_connections", "Client connections open", registry=r,
+                                 multiprocess_mode="livesum")
         self.in_flight = Gauge("diskover_agent_requests_in_flight", "Listings and walks being answered",
-                               registry=r)
-        self.waiting = Gauge("diskover_agent_requests_waiting", "Requests waiting for a listing slot", registry=r)
-        self.walk_reads = Counter("diskover_agent_walk_reads",
-                                  "Chunks of subtree walks read: in turns, or at once because the reading "
-                                  "waits for the storage or a turn is stuck", ["how"], registry=r)
+                               registry=r, multiprocess_mode="livesum")
+        self.waiting = Gauge("diskover_agent_requests_waiting", "Requests waiting for a listing slot", registry=r,
+                             multiprocess_mode="livesum")
+        if shared:  # every metrics file made now, before this process takes any request
+            for endpoint in ("listing", "walk"):
+                self.latency.labels(endpoint)
         self.timed_out = Counter("diskover_agent_connections_timed_out",
                                  "Connections the agent closed because a client took too long, by phase",
                                  ["phase"], registry=r)
 
-    def watch(self, connections: Callable[[], float], waiting: Callable[[], float]) -> None:
-        """Gauges read when scraped."""
-        self.connections.set_function(connections)
-        self.waiting.set_function(waiting)
-
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The text a scrape gets: this process's metrics, or the sum over all worker processes."""
+        return generate_latest(self.scraped)
 
 
 class RequestRecord:

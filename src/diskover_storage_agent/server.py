@@ -42,13 +42,14 @@ from diskover_agent.protocol import (
 )
 
 from . import __version__
-from .admission import Hold, Lane, Slots
+from .admission import Hold, Slots
 from .config import AgentConfig, tls_context
 from .exports import CONTROL_PREFIX, MAX_PATH, BadPath, ExportTable, IsSymlink, OutsideExport, split_path
 from .filters import MAX_PATTERNS, Filter
 from .limits import Body, BodyBudget, BodyTooLarge, BudgetFull, GuardedServer, connection_of
 from .listing import GzipReader, Listing, Reader, TextListing, accepts_gzip
 from .observability import METRICS_TYPE, Metrics, RequestRecord, access_log
+from .readloop import READ_LOOP
 from .subtree import SubtreeWalk, decode_request, validate
 
 log = logging.getLogger("diskover_storage_agent")
@@ -187,7 +188,6 @@ class Agent:
         self.config = config
         self.exports = ExportTable(config.exports)
         self.pool = ThreadPoolExecutor(max_workers=config.maxconnections, thread_name_prefix="diskover-fs")
-        self.lane = Lane(count=lambda how: self.metrics.walk_reads.labels(how).inc())
         self._token = config.token.encode("ascii") if config.token else None
         self._slots: Optional[Slots] = None
         self.metrics = Metrics()
@@ -197,7 +197,7 @@ class Agent:
     def slots(self) -> Slots:
         if self._slots is None:  # made on first use, inside the running loop
             c = self.config
-            self._slots = Slots(c.maxconnections, c.max_queue or 0, c.max_wait)
+            self._slots = Slots(c.maxconnections, c.max_queue or 0, c.max_wait, self.metrics.waiting.inc)
         return self._slots
 
     def authorized(self, request: web.BaseRequest) -> Optional[web.Response]:
@@ -284,21 +284,16 @@ class Agent:
         if not await hold.admit():
             return busy_response()
         try:
-            try:
-                fd = await self.run(self.exports.open_found, found[0], found[1], path, not req.nofollow)
-            except IsSymlink:
-                return skip_response(req.fmt, path)
-            except OSError as exc:
-                return os_error_response(exc, path)
             if request.method == "HEAD":
-                os.close(fd)
+                try:
+                    await self.run(_probe, self.exports, found, path, not req.nofollow)
+                except IsSymlink:
+                    return skip_response(req.fmt, path)
+                except OSError as exc:
+                    return os_error_response(exc, path)
                 return web.Response(headers={**_HEADERS, "Content-Type": _CONTENT_TYPES[req.fmt]})
-            try:
-                lister: Reader = await self.run(_open_lister, fd, req, self.exports)
-            except OSError as exc:
-                os.close(fd)
-                return os_error_response(exc, path)
-            return await self._stream(request, lister, req.fmt, path, hold)
+            make = functools.partial(_open_lister, self.exports, found, req)
+            return await self._stream(request, make, req.fmt, path, hold)
         finally:
             hold.release()
 
@@ -384,32 +379,40 @@ class Agent:
             return busy_response()
         try:
             # Compiling the exclusions (SubtreeWalk's Filter) is CPU work too: in the pool, in the slot.
-            walk = await self.run(SubtreeWalk, self.exports, req, fmt)
-            return await self._stream(request, walk, fmt, None, hold, turns=True)
+            make = functools.partial(SubtreeWalk, self.exports, req, fmt)
+            return await self._stream(request, make, fmt, None, hold)
         finally:
             hold.release()
 
     async def _stream(
-        self, request: web.BaseRequest, reader: Reader, fmt: str, path: Optional[bytes], hold: Hold,
-        turns: bool = False,
+        self, request: web.BaseRequest, make: Callable[[], Reader], fmt: str, path: Optional[bytes], hold: Hold,
     ) -> web.StreamResponse:
-        """Send what ``reader`` produces: in one piece when it fits one chunk, else streamed.
-        The slot is held only while a chunk is read (or waits for its turn); with
-        ``turns``, chunks are read in turns on the agent's :class:`Lane` (subtree walks)."""
+        """Send what the reader that ``make`` opens produces: in one piece when it fits one
+        chunk, else streamed. The reader is made and its first chunk read in one call to the
+        pool. The slot is held only while a chunk is read: a hung directory holds its own
+        thread and slot, and every other answer goes on."""
         guard = threading.Lock()
+        gzip = accepts_gzip(request.headers.get("Accept-Encoding", ""))
 
-        async def read() -> bytes:
-            if turns:
-                return await self.lane.run(self.run, functools.partial(_locked, guard, reader.read))
-            return await self.run(_locked, guard, reader.read)
+        def start() -> tuple[Reader, bytes]:
+            reader = make()
+            if gzip:
+                reader = GzipReader(reader)
+            try:
+                with guard:
+                    return reader, reader.read()
+            except BaseException:
+                reader.close()
+                raise
 
         record: RequestRecord = request["record"]
-        if accepts_gzip(request.headers.get("Accept-Encoding", "")):
-            reader = GzipReader(reader)
+        reader: Optional[Reader] = None
         self.metrics.in_flight.inc()
         try:
             try:
-                chunk = await read()
+                reader, chunk = await self.submit(start)
+            except IsSymlink:
+                return skip_response(fmt, path or b"")
             except OSError as exc:
                 return os_error_response(exc, path or b"")
             finally:
@@ -424,7 +427,7 @@ class Agent:
             while not reader.done:
                 await hold.take()
                 try:
-                    chunk = await read()
+                    chunk = await self.submit(functools.partial(_locked, guard, reader.read))
                 except OSError as exc:
                     chunk = reader.error_chunk(exc)
                     if chunk is None:
@@ -441,9 +444,22 @@ class Agent:
             return resp
         finally:
             self.metrics.in_flight.dec()
-            record.entries, record.directories = reader.entries, reader.directories
-            # Never block the loop on a close, nor race a read still running in the pool.
-            self.pool.submit(_locked, guard, reader.close)
+            if reader is not None:
+                record.entries, record.directories = reader.entries, reader.directories
+                if reader.done:  # nothing left open, no read under way: closed here
+                    reader.close()
+                else:  # never block the loop on a close, nor race a read still running in the pool
+                    self.pool.submit(_locked, guard, reader.close)
+
+    async def submit(self, fn: Callable[[], T]) -> T:
+        """``fn()`` in the pool. Cancelled while it runs, a reader it returns (alone or
+        first in a tuple) is closed when it ends, in the pool: nothing it opened is left."""
+        done = self.pool.submit(fn)
+        try:
+            return await asyncio.wrap_future(done)
+        except asyncio.CancelledError:
+            done.add_done_callback(_close_abandoned)
+            raise
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -470,14 +486,36 @@ def encode_info(config: AgentConfig) -> bytes:
     })
 
 
-def _open_lister(fd: int, req: ListingRequest, exports: ExportTable) -> Reader:
-    if req.fmt == "text":
-        return TextListing(fd, req.path)
+def _probe(exports: ExportTable, found: tuple[Any, tuple[bytes, ...]], path: bytes, follow: bool) -> None:
+    """Open the directory a HEAD request names and close it: raises what a listing would."""
+    os.close(exports.open_found(found[0], found[1], path, follow))
 
-    def inside(name: bytes) -> Optional[os.stat_result]:
-        return exports.stat_inside(req.path.rstrip(b"/") + b"/" + name)
 
-    return Listing(fd, req.path, req.fmt, req.want_stat, Filter.of(*req.exclusions), inside)
+def _open_lister(exports: ExportTable, found: tuple[Any, tuple[bytes, ...]], req: ListingRequest) -> Reader:
+    """The reader of a listing: opens the directory (raises ``OSError``, or ``IsSymlink``)."""
+    fd = exports.open_found(found[0], found[1], req.path, not req.nofollow)
+    try:
+        if req.fmt == "text":
+            return TextListing(fd, req.path)
+
+        def inside(name: bytes) -> Optional[os.stat_result]:
+            return exports.stat_inside(req.path.rstrip(b"/") + b"/" + name)
+
+        return Listing(fd, req.path, req.fmt, req.want_stat, Filter.of(*req.exclusions), inside)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _close_abandoned(done: Any) -> None:
+    """Close the reader a pool call made for a request that went away meanwhile."""
+    if done.cancelled() or done.exception() is not None:
+        return
+    reader = done.result()
+    if isinstance(reader, tuple):  # (reader, first chunk)
+        reader = reader[0]
+    if hasattr(reader, "close"):
+        reader.close()
 
 
 def _statvfs(exports: ExportTable, export: Any, rel: tuple[bytes, ...], path: bytes) -> dict[str, int]:
@@ -524,54 +562,90 @@ class ProtocolLog(logging.LoggerAdapter):
         self.logger.debug(msg, *args, exc_info=exc_info, **kwargs)
 
 
-def _url(sockname: Any, tls: bool) -> str:
+def listen_url(sockname: Any, tls: bool) -> str:
+    """The URL of a listening address (as ``getsockname()`` gives it)."""
     host, port = sockname[0], sockname[1]
     scheme = "https" if tls else "http"
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-async def serve(config: AgentConfig, ready: Optional[Callable[[list[str]], None]] = None) -> None:
-    """Serve until SIGTERM or SIGINT, then let in-flight answers finish and return."""
+def announce(config: AgentConfig, urls: list[str]) -> None:
+    """The start-up lines: exports, the ``listening on`` line (which tests and the benchmark
+    read), limits, warnings. Logged once, by the one process or by the parent of several."""
+    for export in config.exports:
+        log.info("exporting %s as %s", os.fsdecode(export.local), os.fsdecode(export.remote))
+    log.info("diskover-storage-agent %s listening on %s", __version__, " ".join(urls))
+    log.info("limits: header-timeout %g s, body-timeout %g s, keepalive-timeout %g s, send-timeout %g s, "
+             "body-memory %g MiB", config.header_timeout, config.body_timeout, config.keepalive_timeout,
+             config.send_timeout, config.body_memory / 2**20)
+    if config.token is None:
+        log.warning("no --token-file: any client that can reach %s can list the exports", " ".join(urls))
+    if config.tls_cert is None:
+        log.warning("no --tls-cert: listings%s travel unencrypted", " and the token" if config.token else "")
+
+
+async def serve(
+    config: AgentConfig, ready: Optional[Callable[[list[str]], None]] = None, *,
+    sockets: Optional[list[Any]] = None, worker: Optional[str] = None, parent: Optional[int] = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then let in-flight answers finish and return.
+
+    Alone, the agent binds ``config.listen`` and logs its start-up lines. As one of several
+    worker processes (``worker`` names it in the log), it serves on the ``sockets`` its
+    parent bound and announced, and also stops when that parent (PID ``parent``) is gone.
+    """
     agent = Agent(config)
     # aiohttp's low-level server: no router, so that any path (newlines, invalid
     # UTF-8...) reaches the handler as the raw bytes the client sent.
     server = GuardedServer(agent.handle, access_log=None, logger=ProtocolLog(log, {}), timeouts=config.timeouts,
                            closed_by=lambda phase: agent.metrics.timed_out.labels(phase).inc(),
-                           max_line_size=MAX_LINE)
-    agent.metrics.watch(lambda: len(server.connections), lambda: agent.slots.waiting)
+                           counted=agent.metrics.connections.inc, max_line_size=MAX_LINE)
     runner = web.ServerRunner(server, shutdown_timeout=config.shutdown_timeout)
     ssl_context = tls_context(config)
     await runner.setup()
     try:
-        site = web.TCPSite(
-            runner, config.listen, config.port, reuse_address=True, backlog=1024, ssl_context=ssl_context
-        )
-        await site.start()
+        sites: list[web.BaseSite]
+        if sockets is None:
+            sites = [web.TCPSite(runner, config.listen, config.port, reuse_address=True, backlog=1024,
+                                 ssl_context=ssl_context)]
+        else:
+            sites = [web.SockSite(runner, sock, ssl_context=ssl_context) for sock in sockets]
+        for site in sites:
+            await site.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        urls = [_url(addr, ssl_context is not None) for addr in runner.addresses]
-        for export in config.exports:
-            log.info("exporting %s as %s", os.fsdecode(export.local), os.fsdecode(export.remote))
-        log.info("event loop: %s.%s", type(loop).__module__, type(loop).__qualname__)
-        log.info("diskover-storage-agent %s listening on %s", __version__, " ".join(urls))
-        log.info("limits: header-timeout %g s, body-timeout %g s, keepalive-timeout %g s, send-timeout %g s, "
-                 "body-memory %g MiB", config.header_timeout, config.body_timeout, config.keepalive_timeout,
-                 config.send_timeout, config.body_memory / 2**20)
-        if config.token is None:
-            log.warning("no --token-file: any client that can reach %s can list the exports", " ".join(urls))
-        if ssl_context is None:
-            log.warning("no --tls-cert: listings%s travel unencrypted",
-                        " and the token" if config.token else "")
+        urls = [listen_url(addr, ssl_context is not None) for addr in runner.addresses]
+        where = f"{type(loop).__module__}.{type(loop).__qualname__}"
+        if worker is None:
+            log.info("event loop: %s", where)
+            log.info("read loop: %s", READ_LOOP)
+            announce(config, urls)
+        else:
+            log.info("%s (pid %d, -c %d): event loop: %s, read loop: %s", worker, os.getpid(), config.maxconnections,
+                     where, READ_LOOP)
+        orphaned = None if parent is None else asyncio.ensure_future(_orphaned(parent, stop))
         if ready is not None:
             ready(urls)
         await stop.wait()
-        log.info("stopping: finishing answers in flight")
+        if orphaned is not None:
+            orphaned.cancel()
+        if worker is None:
+            log.info("stopping: finishing answers in flight")
     finally:
         await _cleanup(runner, server, config.shutdown_timeout)
         agent.close()
-    log.info("stopped")
+    if worker is None:
+        log.info("stopped")
+
+
+async def _orphaned(parent: int, stop: asyncio.Event) -> None:
+    """Stop once the parent process is gone (where the kernel does not signal it)."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    log.warning("the parent process %d is gone: stopping", parent)
+    stop.set()
 
 
 async def _cleanup(runner: web.ServerRunner, server: web.Server, grace: float) -> None:
