@@ -260,6 +260,8 @@ class Walker:
         self._results_ready = threading.Condition()
         #: Directories known and not yet handed to the generator (queued, in flight, or waiting).
         self._outstanding = len(self._todo)
+        #: Directories the generator has taken from the workers and not yet yielded (or skipped).
+        self.in_hand = 0
         #: Stop taking new work once this many entries were listed (None: walk everything).
         self.max_entries = max_entries
         self.entries = 0
@@ -303,10 +305,12 @@ class Walker:
                         self._backlog -= size
                         # Taken: resolved now (what the loop body adds is counted before the next wait).
                         self._outstanding -= count
+                        self.in_hand += count
                 for batch, _size, count in batches:
                     if not count:  # the exception that ends the walk
                         raise batch[0]
                     for item in batch:  # (the loop body may prune what follows in the batch)
+                        self.in_hand -= 1
                         if pruned and item.path != top and (
                             item.path in pruned or os.path.dirname(item.path) in pruned
                         ):
