@@ -79,7 +79,7 @@ def _prepare_dataset(output: str) -> None:
 def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
     """``walk --dask``: the walk as Dask tasks, written as a dataset of partitions in ``-o DIR``."""
     try:
-        from .distributed import dask_walk, local_cluster
+        from ..distributed import dask_walk, local_cluster
     except ImportError as exc:  # pragma: no cover - the [dask] extra is missing
         raise UsageError(f"--dask needs the dask extra (pip install 'diskover-storage-agent[dask]'): {exc}") from None
     if args.output in (None, "-"):
