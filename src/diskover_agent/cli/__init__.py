@@ -12,11 +12,14 @@ no agent reachable, refused by the agent); 130 interrupted (Ctrl-C); 141 output 
 
 The package: :mod:`.main` (the parser and the console script), :mod:`.common` (what every
 command shares), :mod:`.crawl` (a walk's counters, progress display and summary line),
-:mod:`.records` (walk output records) and one module per command (:mod:`.ls`, :mod:`.walk`,
+:mod:`.output` (walk output records) and one module per command (:mod:`.ls`, :mod:`.walk`,
 :mod:`.du`, :mod:`.report`).
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from .common import (
     EXIT_FAILED,
@@ -34,17 +37,24 @@ from .common import (
     shown,
     size_text,
 )
-from .crawl import Crawl, Progress, finish, run_crawl
-from .du import Totals, cmd_du
-from .ls import cmd_ls, ls_long, ls_time
 from .main import build_parser, main
-from .records import FIELDS, TYPES, Record, RecordWriter, records
-from .report import cmd_report
-from .walk import cmd_walk, cmd_walk_dask
+
+#: Names of the command modules, imported on first use (``import diskover_agent.cli`` stays cheap).
+_LAZY = {
+    "Crawl": "crawl", "Progress": "crawl", "finish": "crawl", "run_crawl": "crawl",
+    "FIELDS": "output", "TYPES": "output", "Record": "output", "RecordWriter": "output", "records": "output",
+    "cmd_ls": "ls", "ls_long": "ls", "ls_time": "ls", "cmd_walk": "walk", "cmd_walk_dask": "walk",
+    "Totals": "du", "cmd_du": "du", "cmd_report": "report",
+}
 
 __all__ = [
-    "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_PIPE", "FIELDS", "HOSTS_ENV", "PROG",
-    "TYPES", "Context", "Crawl", "Progress", "Record", "RecordWriter", "Totals", "UsageError", "build_parser",
-    "cmd_du", "cmd_ls", "cmd_report", "cmd_walk", "cmd_walk_dask", "finish", "for_terminal", "human", "ls_long",
-    "ls_time", "main", "records", "remote_path", "run_crawl", "shown", "size_text",
+    "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_PIPE", "HOSTS_ENV", "PROG", "Context",
+    "UsageError", "build_parser", "for_terminal", "human", "main", "remote_path", "shown", "size_text", *_LAZY,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -4,9 +4,10 @@ return the exit status."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from ..errors import AgentError
@@ -24,10 +25,6 @@ from .common import (
     _positive,
     _seconds_arg,
 )
-from .du import cmd_du
-from .ls import cmd_ls
-from .report import cmd_report
-from .walk import cmd_walk
 
 
 class _Version(argparse.Action):
@@ -41,6 +38,19 @@ class _Version(argparse.Action):
 
         print(f"{PROG} {__version__}")
         parser.exit()
+
+
+#: Each subcommand's module and function. A command's module is imported when it runs, as pip
+#: does: start-up loads the parser and what every command shares, not every command.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "ls": ("ls", "cmd_ls"), "walk": ("walk", "cmd_walk"), "du": ("du", "cmd_du"), "report": ("report", "cmd_report"),
+}
+
+
+def command(name: str) -> Callable[..., int]:
+    """The function that runs subcommand ``name`` (importing its module)."""
+    module, func = COMMANDS[name]
+    return getattr(importlib.import_module(f"{__package__}.{module}"), func)
 
 
 _PATH_HELP = "a remote path, as the agents export it (e.g. /mnt/isilon/projects)"
@@ -79,7 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("-n", dest="numeric", action="store_true", help="with -l: numeric user and group IDs")
     ls.add_argument("-h", "--human-readable", dest="human", action="store_true", help="with -l: sizes like 1.5K")
     ls.add_argument("--help", action="help", help="show this help and exit")
-    ls.set_defaults(func=cmd_ls)
 
     walk = sub.add_parser("walk", help="every entry of a tree, as NDJSON or CSV",
                           description="Write every entry below PATH (not PATH itself), one record per entry: "
@@ -98,7 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     walk.add_argument("--maxdepth", type=_count, metavar="N",
                       help="as find -mindepth 1 -maxdepth N: entries at most N levels below PATH (1: PATH's own)")
     _add_selection(walk)
-    walk.set_defaults(func=cmd_walk)
 
     du = sub.add_parser("du", add_help=False, help="per-directory totals, largest first",
                         description="Totals per directory, each including everything below it, largest first: "
@@ -113,7 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
     du.add_argument("--apparent-size", action="store_true", help="show and sort by apparent sizes (st_size)")
     _add_selection(du)
     du.add_argument("--help", action="help", help="show this help and exit")
-    du.set_defaults(func=cmd_du)
 
     rep = sub.add_parser("report", help="totals, largest directories, oldest files, owners of a walk's dataset",
                          description="Query a dataset written by walk --dask (DuckDB): totals, largest_dirs, "
@@ -122,7 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("query", nargs="?", choices=("totals", "largest_dirs", "oldest_files", "owners"),
                      help="one query (default: all)")
     rep.add_argument("--limit", type=_positive, default=10, help="rows per query (%(default)s)")
-    rep.set_defaults(func=None)
     return p
 
 
@@ -140,10 +146,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "format", "") is None:
         args.format = "parquet" if args.dask is not None else "ndjson"
     try:
+        run = command(args.command)
         if args.command == "report":
-            return cmd_report(args)
+            return run(args)
         ctx = Context(args)
-        return args.func(args, ctx)
+        return run(args, ctx)
     except UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_FAILED

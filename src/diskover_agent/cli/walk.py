@@ -13,7 +13,7 @@ from ..dataset import DatasetWriter, prepare_output
 from ..protocol import KIND_DIR
 from .common import EXIT_PARTIAL, PROG, Context, UsageError, _join, _positive, remote_path, size_text
 from .crawl import Crawl, _show_progress, finish, run_crawl
-from .records import RecordWriter
+from .output import RecordWriter
 
 
 def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
