@@ -35,6 +35,7 @@ EXIT_FAILED = 2
 EXIT_INTERRUPTED = 130
 EXIT_PIPE = 141
 
+
 class UsageError(Exception):
     """A command line that cannot run (exit status 2)."""
 
@@ -173,7 +174,6 @@ def remote_path(text: str) -> bytes:
     if not raw.startswith(b"/"):
         raise UsageError(f"{text}: the remote path must be absolute (as the agents export it, e.g. /mnt/isilon)")
     return raw
-
 
 
 # -- argument types -----------------------------------------------------------------------------

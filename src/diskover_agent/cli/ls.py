@@ -23,7 +23,6 @@ _SIX_MONTHS = 31_556_952 // 2  # what ls calls recent: the average Gregorian yea
 _LS_TYPE = {"d": "d", "f": "-", "l": "l", "p": "p", "s": "s", "c": "c", "b": "b"}
 
 
-
 @functools.lru_cache(maxsize=4096)
 def _user(uid: int) -> Optional[str]:
     try:
