@@ -1,0 +1,24 @@
+"""``diskover-agent report``: what a walk's dataset says (the queries of :mod:`diskover_agent.report`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import UsageError
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``report DIR``: what a walk's dataset says, through DuckDB."""
+    from .. import report
+
+    names = [args.query] if args.query else list(report.QUERIES)
+    try:
+        for name in names:
+            columns, rows = report.run(args.dataset, name, args.limit)
+            print(f"# {name}")
+            print("\t".join(columns))
+            for row in rows:
+                print("\t".join("" if v is None else str(v) for v in row))
+    except (FileNotFoundError, ImportError) as exc:
+        raise UsageError(str(exc)) from None
+    return 0

@@ -1,0 +1,138 @@
+"""``diskover-agent walk``: every entry of a tree as NDJSON, CSV or a Parquet dataset, by one
+process or (``--dask``) as Dask tasks."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from typing import IO, Any, Optional, Union
+
+from ..dataset import DatasetWriter, prepare_output
+from ..protocol import KIND_DIR
+from .common import EXIT_PARTIAL, PROG, Context, UsageError, _join, _positive, remote_path, size_text
+from .crawl import Crawl, _show_progress, finish, run_crawl
+from .output import RecordWriter
+
+
+def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
+    if args.dask is not None:
+        return cmd_walk_dask(args, ctx)
+    top = remote_path(args.path)
+    maxdepth: Optional[int] = args.maxdepth
+    to_stdout = args.output in (None, "-")
+    if args.format == "parquet":
+        if to_stdout:
+            raise UsageError("--format parquet writes a dataset: give -o DIR")
+        if importlib.util.find_spec("pyarrow") is None:  # imported when the first partition is written
+            raise UsageError("--format parquet needs pyarrow (pip install 'diskover-storage-agent[dask]')")
+    ctx.check_reachable(top)
+    out: Optional[IO[bytes]] = None
+    sink: Union[RecordWriter, DatasetWriter]
+    if args.format == "parquet":
+        _prepare_dataset(args.output)
+        sink = DatasetWriter(args.output, os.fsdecode(top))
+    else:
+        try:
+            out = sys.stdout.buffer if to_stdout else open(args.output, "wb", buffering=1 << 20)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+        sink = RecordWriter(out, args.format)
+    crawl = Crawl(ctx, top, exclude=args.exclude, one_fs=args.one_file_system, on_error=sink.add_error)
+
+    def body(crawl: Crawl) -> None:
+        for path, entries in crawl:
+            depth = crawl.depth(path)
+            if maxdepth is not None and depth + 1 >= maxdepth:
+                for e in entries:
+                    if e.kind == KIND_DIR:
+                        crawl.prune(_join(path, e.name))
+                if depth + 1 > maxdepth:
+                    continue
+            sink.add_dir(path, entries)
+
+    try:
+        run_crawl(ctx, crawl, body, output_is_terminal=to_stdout and sys.stdout.isatty())
+        if isinstance(sink, DatasetWriter):
+            sink.close(crawl.seconds)
+        else:
+            sink.flush()
+        return finish(ctx, crawl)
+    finally:
+        if isinstance(sink, RecordWriter):
+            sink.detach()
+        if out is not None and not to_stdout:
+            out.close()
+
+
+def _prepare_dataset(output: str) -> None:
+    """Create, or check, the directory of a walk's dataset: a usage error when it cannot be one."""
+    try:
+        prepare_output(output)
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
+
+
+def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
+    """``walk --dask``: the walk as Dask tasks, written as a dataset of partitions in ``-o DIR``."""
+    try:
+        from ..distributed import dask_walk, local_cluster
+    except ImportError as exc:  # pragma: no cover - the [dask] extra is missing
+        raise UsageError(f"--dask needs the dask extra (pip install 'diskover-storage-agent[dask]'): {exc}") from None
+    if args.output in (None, "-"):
+        raise UsageError("--dask writes a dataset: give -o DIR")
+    if args.format == "csv":
+        raise UsageError("--dask writes parquet or ndjson partitions")
+    if args.maxdepth is not None:
+        raise UsageError("--maxdepth is not available with --dask")
+    top = remote_path(args.path)
+    ctx.check_reachable(top)
+    _prepare_dataset(args.output)
+    try:
+        if args.dask.startswith("local:"):
+            client = local_cluster(_positive(args.dask[6:]))
+        else:
+            from distributed import Client
+
+            client = Client(args.dask)
+    except (ValueError, OSError, argparse.ArgumentTypeError) as exc:
+        raise UsageError(f"cannot reach the Dask scheduler {args.dask}: {exc}") from None
+    bar = None
+    if _show_progress(ctx):
+        from tqdm import tqdm
+
+        bar = ctx.bar = tqdm(total=None, file=sys.stderr, unit=" entries", unit_scale=True, dynamic_ncols=True)
+
+    def progress(summary: Any, result: Any) -> None:
+        if result.errors:
+            ctx.warn(f"{result.errors} directories could not be listed (error rows in {result.file})")
+        if bar is not None:
+            bar.update(result.entries)
+            bar.set_postfix_str(f"{summary.dirs:,} dirs, {size_text(summary.bytes)} in files, "
+                                f"{len(summary.files)}/{summary.tasks} tasks, {summary.errors} errors",
+                                refresh=False)
+
+    try:
+        summary = dask_walk(
+            top, ctx.hosts, args.output, client=client, fmt=args.format, port=ctx.port, progress=progress,
+            retry_for=ctx.retry_for, exclude_dirs=args.exclude, exclude_files=args.exclude,
+            one_fs=args.one_file_system, **ctx.options,
+        )
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+            ctx.bar = None
+        client.close()
+        if args.dask.startswith("local:"):
+            client.cluster.close()
+    if not ctx.quiet:
+        rate = summary.entries / summary.seconds if summary.seconds else 0.0
+        print(f"{PROG}: {summary.dirs:,} directories, {summary.entries:,} entries, {size_text(summary.bytes)} in "
+              f"files, {summary.errors} errors, {summary.tasks} tasks, {summary.seconds:.2f} s "
+              f"({rate:,.0f} entries/s) -> {args.output}", file=sys.stderr)
+    return EXIT_PARTIAL if summary.errors else 0
