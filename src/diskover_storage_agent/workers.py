@@ -14,9 +14,9 @@ agent (:func:`~.server.serve`). How new connections reach them:
 
 The parent forks before any thread or event loop exists in it, and then only supervises: it
 logs the start-up lines once, when every child listens (so that a client that waits for the
-``listening on`` line is never refused), replaces a child that dies, forwards SIGTERM and SIGINT to
-the children and waits for them (each stops gracefully, as one agent does), and removes
-the directory in which the children keep their metrics. Children die with the parent
+``listening on`` line is never refused), replaces a child that dies, forwards SIGTERM and
+SIGINT to the children and waits for them (each stops gracefully, as one agent does), and
+removes the directory in which the children keep their metrics. Children die with the parent
 (``PR_SET_PDEATHSIG`` on Linux; elsewhere they check ``getppid`` every second).
 """
 
