@@ -229,6 +229,8 @@ def test_a_killed_process_is_replaced_and_its_counts_kept(tree, start_agent):
     assert wait_for(lambda: metrics(on_new)[LISTED] == 3, what="3 listings counted")  # the killed one's two too
     on_new.close()
     assert agent.proc.poll() is None
+    assert [line for line in agent.log if "starting another" in line or " failed" in line] == [
+        line for line in agent.log if f"(pid {one}) was killed by SIGKILL: starting another" in line]  # at once
 
 
 def test_sigterm_stops_every_process_and_exits_0(tree, start_agent):

@@ -193,25 +193,26 @@ class Supervisor:
                 pass
 
     def _spawn(self, index: int) -> None:
-        listening, listens = os.pipe()
+        # A first child says on a pipe when it listens; one that replaces another, not.
+        listening, listens = (None, None) if self.announced else os.pipe()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:
             for sig in _STOP_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            for fd in (*self.starting, listening):
+            for fd in self.starting:
                 os.close(fd)
+            if listening is not None:
+                os.close(listening)
             self._child(index, listens)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        os.close(listens)
         self.children[pid] = (index, time.monotonic())
-        if self.announced:
-            os.close(listening)
-        else:
+        if listening is not None and listens is not None:
+            os.close(listens)
             self.starting.append(listening)
 
-    def _child(self, index: int, listens: int) -> NoReturn:
+    def _child(self, index: int, listens: int | None) -> NoReturn:
         code = 1
         try:
             signalled = _die_with_parent(self.pid)
@@ -222,8 +223,9 @@ class Supervisor:
                 sockets = listen_like(self.sockets)
                 for sock in self.sockets:
                     sock.close()  # the parent's: it keeps them
-            os.write(listens, b"1")  # the kernel queues new connections from now on
-            os.close(listens)
+            if listens is not None:
+                os.write(listens, b"1")  # the kernel queues new connections from now on
+                os.close(listens)
             self.runner(serve(self.config.share(index), sockets=sockets,
                               worker=f"process {index + 1} of {self.count}",
                               parent=None if signalled else self.pid))
