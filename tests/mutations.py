@@ -181,8 +181,13 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "processes-port-shared", "a port another agent serves is shared with it (SO_REUSEPORT), not an error",
         "diskover_storage_agent/workers.py",
-        "with _socket(family, addr, reuseport=False) as probe:", "with _socket(family, addr, reuseport=True) as probe:",
+        "_socket(family, addr, reuseport=False).close()", "_socket(family, addr, reuseport=True).close()",
         ("tests/test_processes.py::test_a_port_another_agent_serves_is_an_error",)),
+
+    Mutation(
+        "processes-announced-early", "the parent says it listens before its workers do",
+        "diskover_storage_agent/workers.py", "            os.read(fd, 1)\n", "",
+        ("tests/test_processes.py::test_each_process_listens_on_a_socket_of_its_own",)),
 
     # -- the client and the scanner ---------------------------------------------------------
     Mutation("scanner-gid-as-uid", "the scanner's stat() gives gid as st_uid", "diskover_agent/scanner/records.py",

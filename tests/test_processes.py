@@ -144,13 +144,14 @@ def test_each_process_serves_and_scrapes_sum_them_all(tree, start_agent):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balances on Linux")
 def test_each_process_listens_on_a_socket_of_its_own(tree, start_agent):
-    """On Linux each worker listens on its own SO_REUSEPORT socket; the parent's socket
-    only holds the port (bound, not listening), so it takes no connection."""
+    """On Linux each worker listens on its own SO_REUSEPORT socket, from before the agent
+    says it listens; the parent's socket only holds the port (bound, not listening), so it
+    takes no connection."""
     agent = start_agent([(REMOTE, str(tree))], processes=2)
-    one, two = (pid for pid, _ in children(agent, 2).values())
-    own = wait_for(lambda: (got := (listening(one, agent.port), listening(two, agent.port))) and all(got) and got,
-                   what="both workers to listen")
-    assert own[0].isdisjoint(own[1])
+    # The parent logs "listening on" (start_agent waits for it) once every worker listens.
+    one, two = (child.pid for child in psutil.Process(agent.pid).children())
+    own = listening(one, agent.port), listening(two, agent.port)
+    assert all(own) and own[0].isdisjoint(own[1])
     assert listening(agent.pid, agent.port) == set()  # bound only (the kernel lists no such socket)
 
 
@@ -228,6 +229,8 @@ def test_a_killed_process_is_replaced_and_its_counts_kept(tree, start_agent):
     assert wait_for(lambda: metrics(on_new)[LISTED] == 3, what="3 listings counted")  # the killed one's two too
     on_new.close()
     assert agent.proc.poll() is None
+    assert [line for line in agent.log if "starting another" in line or " failed" in line] == [
+        line for line in agent.log if f"(pid {one}) was killed by SIGKILL: starting another" in line]  # at once
 
 
 def test_sigterm_stops_every_process_and_exits_0(tree, start_agent):

@@ -13,9 +13,10 @@ agent (:func:`~.server.serve`). How new connections reach them:
   gunicorn's and uvicorn's ``--workers``, where the process that waited least takes most.
 
 The parent forks before any thread or event loop exists in it, and then only supervises: it
-logs the start-up lines once, replaces a child that dies, forwards SIGTERM and SIGINT to
-the children and waits for them (each stops gracefully, as one agent does), and removes
-the directory in which the children keep their metrics. Children die with the parent
+logs the start-up lines once, when every child listens (so that a client that waits for the
+``listening on`` line is never refused), replaces a child that dies, forwards SIGTERM and
+SIGINT to the children and waits for them (each stops gracefully, as one agent does), and
+removes the directory in which the children keep their metrics. Children die with the parent
 (``PR_SET_PDEATHSIG`` on Linux; elsewhere they check ``getppid`` every second).
 """
 
@@ -77,10 +78,11 @@ def bind(config: AgentConfig, reserve: bool = False) -> list[socket.socket]:
                 continue
             seen.add((family, addr))
             if reserve:
-                # A bind without SO_REUSEPORT first, so that a port another agent (of the
-                # same user) listens on is an error, not silently shared with it.
-                with _socket(family, addr, reuseport=False) as probe:
-                    addr = probe.getsockname()  # -p 0: the port the kernel chose
+                if addr[1]:
+                    # A bind without SO_REUSEPORT first, so that a port another agent (of the
+                    # same user) listens on is an error, not silently shared with it. (For
+                    # -p 0 the kernel never picks a port that others share by SO_REUSEPORT.)
+                    _socket(family, addr, reuseport=False).close()
                 sockets.append(_socket(family, addr, reuseport=True))
             else:
                 sockets.append(_socket(family, addr, reuseport=False))
@@ -140,13 +142,24 @@ class Supervisor:
         self.stopping = False
         #: pid -> (index, start time) of the running children.
         self.children: dict[int, tuple[int, float]] = {}
+        #: The read ends of the pipes on which the first children say that they listen.
+        self.starting: list[int] = []
+        self.announced = False
 
-    def run(self) -> int:
-        """Fork the children and supervise them until they have all stopped: 0."""
+    def run(self, ready: Callable[[], None] = lambda: None) -> int:
+        """Fork the children, call ``ready`` once each listens (or has died trying), and
+        supervise them until they have all stopped: 0."""
         for sig in _STOP_SIGNALS:
             signal.signal(sig, self._stop)
         for index in range(self.count):
             self._spawn(index)
+        while self.starting:  # a child writes a byte once it listens, or exits first
+            fd = self.starting.pop(0)
+            os.read(fd, 1)
+            os.close(fd)
+        self.announced = True
+        if not self.stopping:
+            ready()
         while self.children:
             try:
                 pid, status = os.waitpid(-1, 0)
@@ -180,17 +193,26 @@ class Supervisor:
                 pass
 
     def _spawn(self, index: int) -> None:
+        # A first child says on a pipe when it listens; one that replaces another, not.
+        listening, listens = (None, None) if self.announced else os.pipe()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:
             for sig in _STOP_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            self._child(index)
+            for fd in self.starting:
+                os.close(fd)
+            if listening is not None:
+                os.close(listening)
+            self._child(index, listens)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         self.children[pid] = (index, time.monotonic())
+        if listening is not None and listens is not None:
+            os.close(listens)
+            self.starting.append(listening)
 
-    def _child(self, index: int) -> NoReturn:
+    def _child(self, index: int, listens: int | None) -> NoReturn:
         code = 1
         try:
             signalled = _die_with_parent(self.pid)
@@ -201,6 +223,9 @@ class Supervisor:
                 sockets = listen_like(self.sockets)
                 for sock in self.sockets:
                     sock.close()  # the parent's: it keeps them
+            if listens is not None:
+                os.write(listens, b"1")  # the kernel queues new connections from now on
+                os.close(listens)
             self.runner(serve(self.config.share(index), sockets=sockets,
                               worker=f"process {index + 1} of {self.count}",
                               parent=None if signalled else self.pid))
@@ -261,8 +286,8 @@ def run(config: AgentConfig, runner: Runner, setup_logging: Callable[[], None]) 
             tls = config.tls_cert is not None
             log.info("%d worker processes, -c %d in all (%s each)", config.process_count, config.maxconnections,
                      ", ".join(str(config.share(i).maxconnections) for i in range(config.process_count)))
-            announce(config, [listen_url(sock.getsockname(), tls) for sock in sockets])
-            return Supervisor(config, sockets, runner, own).run()
+            urls = [listen_url(sock.getsockname(), tls) for sock in sockets]
+            return Supervisor(config, sockets, runner, own).run(lambda: announce(config, urls))
         finally:
             for sock in sockets:
                 sock.close()
