@@ -319,6 +319,10 @@ MUTATIONS: list[Mutation] = [
              "diskover_agent/walk.py",
              "self._start(self.workers)  # one directory per request", "pass  # one directory per request",
              ("tests/test_names_frames.py::test_walk_through_an_agent_without_subtree_runs_its_workers",)),
+    Mutation("walk-connection-not-reused", "a walk answer read to its end frame closes the connection",
+             "diskover_agent/transport.py",
+             "if ended and not resp.read(1):", "if False:",
+             ("tests/test_client_wire.py::test_walk_requests_reuse_their_connections",)),
 
     # -- more ----------------------------------------------------------------------------
     Mutation(

@@ -24,7 +24,7 @@ from diskover_agent import AgentConnection, parallel_walk
 from diskover_agent.backoff import BACKOFF_FIRST, BACKOFF_MAX
 from diskover_agent.errors import AgentConnectionError, AgentProtocolError
 from diskover_agent.protocol import WalkRequest
-from diskover_agent.walk import FIRST_BUDGET, MAX_BUDGET, SUBTREE_PER_HOST, _Hosts
+from diskover_agent.walk import FIRST_BUDGET, MAX_BUDGET, SUBTREE_PER_HOST, Walker, _Hosts
 
 from conftest import REMOTE, FrontServer, as_bytes_rows, reference_walk, slowfs_mounted
 
@@ -328,3 +328,21 @@ def test_connect_skips_a_dead_host(small, start_agent):
         conn.close()
     with pytest.raises(AgentConnectionError, match=re.escape(dead)):
         AgentConnection([dead], connect_timeout=2).connect()
+
+
+
+def test_walk_requests_reuse_their_connections(tmp_path, start_agent):
+    """Each walk thread keeps one connection: answers are read to their end, so the next
+    request goes over the same connection (it used to open a new one per request)."""
+    top = tmp_path / "t"
+    for i in range(40):
+        for j in range(10):
+            (top / f"d{i}" / f"e{j}").mkdir(parents=True)
+    agent = start_agent([(REMOTE, str(top))])
+    walker = Walker(REMOTE, [agent.hostspec], workers=2, max_budget=8, mode="subtree")
+    rows = sum(1 for _ in walker.dirs())
+    assert rows == 1 + 40 + 400
+    requests = sum(walker.hosts.requests)
+    assert requests > 20  # budgets of at most 8 entries: many requests
+    opened = [conn.opened for conn in walker._conns]
+    assert 1 <= len(opened) <= 2 and opened == [1] * len(opened), (opened, requests)  # one per walk thread

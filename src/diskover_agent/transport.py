@@ -189,6 +189,8 @@ class AgentHTTP:
         if options.token:
             self._headers["Authorization"] = f"Bearer {options.token}"
         self._conn: Optional[http.client.HTTPConnection] = None
+        #: Connections opened so far (one, as long as the agent keeps it alive).
+        self.opened = 0
 
     def connect(self) -> None:
         if self._conn is None or self._conn.sock is None:
@@ -208,6 +210,7 @@ class AgentHTTP:
             conn.sock.settimeout(opts.timeout)
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._conn = conn
+            self.opened += 1
 
     def close(self) -> None:
         if self._conn is not None:
@@ -297,6 +300,7 @@ class AgentHTTP:
                 error = self._error(resp, None)
                 raise AgentProtocolError(f"{self.address.label}: walk request failed: {error}")
             names_ok = req.names_frames and not req.stat
+            ended = False  # whether the end frame came
             current = b""  # the directory being listed
             seen: Optional[set[Any]] = None  # its names so far
             bulk = False  # whether its entries came in names frames
@@ -319,10 +323,20 @@ class AgentHTTP:
                             raise ProtocolError(problem)
                     elif isinstance(frame, DirFrame):
                         current, seen, bulk = frame.path, None, False
+                    elif isinstance(frame, EndFrame):
+                        ended = True
                     yield frame
             except ProtocolError as exc:
                 raise AgentProtocolError(f"{exc} (listing of {current!r})") from None
             self._finish(resp)
+        except GeneratorExit:
+            # The caller stops at the end frame: what follows it is the end of the body,
+            # read here so that the connection stays open for the next request.
+            if ended and not resp.read(1):
+                self._finish(resp)
+            else:
+                self.close()
+            raise
         except BaseException:
             self.close()
             raise
