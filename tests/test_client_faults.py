@@ -205,9 +205,10 @@ def test_worker_process_killed_mid_walk(big_tree, start_agent):
                 pass
         return out
 
-    walk = parallel_walk(REMOTE, hosts=[agent.hostspec], workers=4, retry_for=20, max_budget=16)
+    # A small backlog: while this test holds the walk, its threads wait with their (kept-alive)
+    # connections open, and the walk cannot end before the kill.
+    walk = parallel_walk(REMOTE, hosts=[agent.hostspec], workers=4, retry_for=20, max_budget=16, max_backlog=50)
     rows = [next(walk) for _ in range(20)]
-    # The walk's connections come and go: kill a worker while it holds one.
     victim = wait_for(lambda: next((pid for pid, n in held().items() if n), None), what="a walk connection")
     before = walk_requests(agent)
     os.kill(victim, signal.SIGKILL)

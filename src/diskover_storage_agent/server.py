@@ -623,8 +623,8 @@ async def serve(
             log.info("read loop: %s", READ_LOOP)
             announce(config, urls)
         else:
-            log.info("%s (pid %d, -c %d): event loop: %s, read loop: %s", worker, os.getpid(), config.maxconnections,
-                     where, READ_LOOP)
+            log.info("%s (pid %d, -c %d): read loop: %s", worker, os.getpid(), config.maxconnections, READ_LOOP)
+            log.info("%s (pid %d, -c %d): event loop: %s", worker, os.getpid(), config.maxconnections, where)
         orphaned = None if parent is None else asyncio.ensure_future(_orphaned(parent, stop))
         if ready is not None:
             ready(urls)
