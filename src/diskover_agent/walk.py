@@ -614,10 +614,8 @@ class Walker:
                     targets += frame.targets
             elif isinstance(frame, DirFrame):
                 if current is not None:
-                    self._complete(_Dir(current, None if names is not None else entries, error, False,
-                                        names, kinds, targets), pending, out, early)
-                    if early:
-                        self._queue_early(pending, early, out)
+                    self._close_dir(_Dir(current, None if names is not None else entries, error, False,
+                                         names, kinds, targets), pending, out, early)
                     done += 1
                 if frame.path not in pending:
                     raise AgentProtocolError(f"agent listed {frame.path!r}, which was not asked for")
@@ -640,10 +638,8 @@ class Walker:
             elif isinstance(frame, SkipFrame):
                 # A path found by the walk that is a symlink now: not walked, as os.walk.
                 if current is not None:
-                    self._complete(_Dir(current, None if names is not None else entries, error, False,
-                                        names, kinds, targets), pending, out, early)
-                    if early:
-                        self._queue_early(pending, early, out)
+                    self._close_dir(_Dir(current, None if names is not None else entries, error, False,
+                                         names, kinds, targets), pending, out, early)
                     done += 1
                     current = None
                 if frame.path not in pending or not req.nofollow:
@@ -651,10 +647,8 @@ class Walker:
                 self._skip(frame.path, pending, out)
             elif isinstance(frame, EndFrame):
                 if current is not None:
-                    self._complete(_Dir(current, None if names is not None else entries, error, False,
-                                        names, kinds, targets), pending, out, early)
-                    if early:
-                        self._queue_early(pending, early, out)
+                    self._close_dir(_Dir(current, None if names is not None else entries, error, False,
+                                         names, kinds, targets), pending, out, early)
                     done += 1
                 if set(frame.frontier) != set(pending):
                     raise AgentProtocolError("the agent's frontier does not match the directories it left")
@@ -664,6 +658,13 @@ class Walker:
                 self._budget = min(self._budget * 2, self.max_budget)
                 return done
         raise AgentProtocolError("walk answer ended before its end frame")
+
+    def _close_dir(self, d: _Dir, pending: dict[bytes, None], out: _Out, early: set[bytes]) -> None:
+        """The directory being listed is complete: hand it over, then queue what the agent
+        sent to the frontier before it was (``early``)."""
+        self._complete(d, pending, out, early)
+        if early:
+            self._queue_early(pending, early, out)
 
     @staticmethod
     def _frontier_frame(paths: list[bytes], current: Optional[bytes], pending: dict[bytes, None],
