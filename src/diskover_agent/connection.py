@@ -125,6 +125,10 @@ class AgentConnection:
             raise result
         return result
 
+    def info(self) -> dict[str, Any]:
+        """The answering agent's ``/_agent/v1/info`` (its version, features and exports)."""
+        return self._ask(lambda http: http.info())
+
     def listing(self, path: AnyStr, stat: bool = True, exclusions: Optional[Exclusions] = None) -> RemoteListing:
         """One directory as the agent answered it: its entries (wire form), its own stat
         record, or in ``error`` the ``OSError`` that kept it from being listed."""

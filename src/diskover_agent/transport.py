@@ -52,6 +52,7 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 TOKEN_ENV = "DISKOVER_AGENT_TOKEN"
 WALK_PATH = "/_agent/v1/walk"
 STATVFS_PATH = "/_agent/v1/statvfs"
+INFO_PATH = "/_agent/v1/info"
 #: Errors that mean "this host, this time": retry elsewhere or later.
 TRANSIENT_ERRORS = (OSError, http.client.HTTPException, ProtocolError, AgentProtocolError, AgentBusyError)
 
@@ -275,6 +276,23 @@ class AgentHTTP:
         except msgspec.DecodeError as exc:
             self.close()
             raise AgentProtocolError(f"bad statvfs answer: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def info(self) -> dict[str, Any]:
+        """The agent's ``/_agent/v1/info``: ``agent``, ``version``, ``protocol``, ``features``,
+        ``exports`` (the remote paths it serves); errors raise."""
+        try:
+            resp = self._request("GET", INFO_PATH)
+            if resp.status != 200:
+                raise self._error(resp, None)
+            data = msgspec.json.decode(resp.read(65536), type=dict[str, Any])
+            self._finish(resp)
+            return data
+        except msgspec.DecodeError as exc:
+            self.close()
+            raise AgentProtocolError(f"bad info answer: {exc}") from None
         except BaseException:
             self.close()
             raise

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diskover-storage-agent",
         description="Serve directory listings of this storage node over HTTP.",
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--config", metavar="FILE",
                    help="read options from this TOML file (keys are the long option names; "
                         "the command line wins)")

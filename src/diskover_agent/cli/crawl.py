@@ -20,16 +20,17 @@ from .common import EXIT_OK, EXIT_PARTIAL, PROG, Context, shown, size_text
 class Crawl:
     """One stat walk through the agents: directories as they arrive, errors reported and counted."""
 
-    def __init__(self, ctx: Context, top: bytes, *, exclude: Sequence[str] = (), one_fs: bool = False,
+    def __init__(self, ctx: Context, top: bytes, *, exclude_dirs: Sequence[str] = (),
+                 exclude_files: Sequence[str] = (), one_fs: bool = False,
                  on_error: Optional[Callable[[bytes, OSError], None]] = None) -> None:
         self.ctx = ctx
         self.top = top
         #: Called with each directory that could not be listed (after the message on stderr).
         self.on_error = on_error
-        patterns = [os.fsencode(p) for p in exclude]
         self.walker = Walker(
             top, ctx.hosts, port=ctx.port, workers=ctx.workers, stat=True, retry_for=ctx.retry_for,
-            exclude_dirs=patterns, exclude_files=patterns, one_fs=one_fs, **ctx.options,
+            exclude_dirs=[os.fsencode(p) for p in exclude_dirs],
+            exclude_files=[os.fsencode(p) for p in exclude_files], one_fs=one_fs, **ctx.options,
         )
         self.dirs = 0
         self.entries = 0

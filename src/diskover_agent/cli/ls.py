@@ -92,21 +92,43 @@ def ls_long(entries: list[AgentDirEntry], *, numeric: bool, human_sizes: bool,
 
 
 def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
-    path = remote_path(args.path)
-    with AgentConnection(ctx.hosts, ctx.port, **ctx.options) as conn:
-        try:
-            entries = sorted(conn.scandir(path), key=lambda e: os.fsencode(e.name))
-        except AgentError:
-            raise
-        except OSError as exc:
-            ctx.warn(f"{shown(path)}: {exc.strerror or exc}")
-            return EXIT_PARTIAL
+    """``ls PATH...``: each directory's names (``-l``: long form), as ``ls`` prints them:
+    with several paths, each under a ``PATH:`` header, a blank line between; a path that
+    cannot be listed is named on stderr, the others are printed, and the exit status is 1."""
+    paths = [remote_path(p) for p in args.paths]
     show = for_terminal if sys.stdout.isatty() else bytes
-    if args.long:
-        lines = ls_long(entries, numeric=args.numeric, human_sizes=args.human, show=show)
-    else:
-        lines = [show(os.fsencode(e.name)) + b"\n" for e in entries]
     out = sys.stdout.buffer
-    out.write(b"".join(lines))
-    out.flush()
-    return EXIT_OK
+    status = EXIT_OK
+    printed = 0
+    with AgentConnection(ctx.hosts, ctx.port, **ctx.options) as conn:
+        for path in paths:
+            try:
+                entries = sorted(conn.scandir(path), key=lambda e: os.fsencode(e.name))
+            except AgentError:
+                raise
+            except OSError as exc:
+                ctx.warn(f"{shown(path)}: {exc.strerror or exc}{_outside_exports(conn, path)}")
+                status = EXIT_PARTIAL
+                continue
+            if args.long:
+                lines = ls_long(entries, numeric=args.numeric, human_sizes=args.human, show=show)
+            else:
+                lines = [show(os.fsencode(e.name)) + b"\n" for e in entries]
+            if len(paths) > 1:
+                lines.insert(0, (b"\n" if printed else b"") + show(path) + b":\n")
+            printed += 1
+            out.write(b"".join(lines))
+            out.flush()
+    return status
+
+
+def _outside_exports(conn: AgentConnection, path: bytes) -> str:
+    """``" (outside every export: /mnt/a, /mnt/b)"`` when ``path`` is outside every export the
+    agent lists in its ``/_agent/v1/info``, else ``""`` (also when it does not say)."""
+    try:
+        exports = [os.fsencode(e) for e in conn.info().get("exports", ()) if isinstance(e, str)]
+    except (AgentError, OSError, TypeError, AttributeError):
+        return ""
+    if not exports or any(path == e or path.startswith(e.rstrip(b"/") + b"/") for e in exports):
+        return ""
+    return f" (outside every export: {', '.join(shown(e) for e in exports)})"

@@ -20,7 +20,7 @@ def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
     if args.dask is not None:
         return cmd_walk_dask(args, ctx)
     top = remote_path(args.path)
-    maxdepth: Optional[int] = args.maxdepth
+    maxdepth: Optional[int] = args.max_depth
     to_stdout = args.output in (None, "-")
     if args.format == "parquet":
         if to_stdout:
@@ -39,7 +39,8 @@ def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
         except OSError as exc:
             raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
         sink = RecordWriter(out, args.format)
-    crawl = Crawl(ctx, top, exclude=args.exclude, one_fs=args.one_file_system, on_error=sink.add_error)
+    crawl = Crawl(ctx, top, exclude_dirs=args.exclude_dirs, exclude_files=args.exclude_files,
+                  one_fs=args.one_file_system, on_error=sink.add_error)
 
     def body(crawl: Crawl) -> None:
         for path, entries in crawl:
@@ -86,8 +87,8 @@ def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
         raise UsageError("--dask writes a dataset: give -o DIR")
     if args.format == "csv":
         raise UsageError("--dask writes parquet or ndjson partitions")
-    if args.maxdepth is not None:
-        raise UsageError("--maxdepth is not available with --dask")
+    if args.max_depth is not None:
+        raise UsageError("--max-depth is not available with --dask")
     top = remote_path(args.path)
     ctx.check_reachable(top)
     _prepare_dataset(args.output)
@@ -118,7 +119,7 @@ def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
     try:
         summary = dask_walk(
             top, ctx.hosts, args.output, client=client, fmt=args.format, port=ctx.port, progress=progress,
-            retry_for=ctx.retry_for, exclude_dirs=args.exclude, exclude_files=args.exclude,
+            retry_for=ctx.retry_for, exclude_dirs=args.exclude_dirs, exclude_files=args.exclude_files,
             one_fs=args.one_file_system, **ctx.options,
         )
     except FileExistsError as exc:

@@ -55,7 +55,8 @@ class Settings:
         return Exclusions.of(self.exclude_dirs, self.exclude_files, self.one_fs)
 
 
-_ENV = {
+#: Each setting's environment variable, by its config file name.
+ENV = {
     "hosts": "DISKOVER_AGENT_HOSTS",
     "port": "DISKOVER_AGENT_PORT",
     "token-file": "DISKOVER_AGENT_TOKEN_FILE",
@@ -68,6 +69,8 @@ _ENV = {
     "exclude-files": "DISKOVER_AGENT_EXCLUDE_FILES",
     "one-fs": "DISKOVER_AGENT_ONE_FS",
 }
+#: The key of :func:`configured`'s answer that names the config file read.
+_FILE = "config-file"
 _LISTS = ("hosts", "exclude-dirs", "exclude-files")
 _BOOLS = ("tls", "insecure", "one-fs")
 _INTS = ("port", "workers")
@@ -77,23 +80,46 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
+def configured(environ: Optional[Mapping[str, str]] = None) -> tuple[dict[str, Any], str]:
+    """The settings that are set: ``DISKOVER_AGENT_*`` variables over the config file, keyed by
+    the config file's names (``port``, ``token-file``...), checked; and the config file's path
+    (read if it exists or ``DISKOVER_AGENT_CONFIG`` names it). :class:`ScannerConfigError`
+    when one is wrong. An empty environment variable counts as unset. The ``diskover-agent``
+    command line reads its defaults here too."""
+    env = os.environ if environ is None else environ
+    explicit = env.get("DISKOVER_AGENT_CONFIG") or None
+    path = os.path.expanduser(explicit or DEFAULT_CONFIG)
+    values: dict[str, Any] = {}
+    if explicit or os.path.exists(path):
+        values = _read_config_file(path)
+        values[_FILE] = path
+    for key, name in ENV.items():
+        raw = env.get(name)
+        if raw:
+            values[key] = _from_env(key, name, raw)
+    port = values.get("port", DEFAULT_PORT)
+    if not 0 < port < 65536:
+        raise ScannerConfigError(f"diskover agent scanner: port {port} is out of range")
+    if values.get("hosts"):
+        try:
+            parse_hosts(values["hosts"], port)
+        except ValueError as exc:
+            raise ScannerConfigError(f"diskover agent scanner: {exc}") from None
+    if values.get("workers", DEFAULT_WORKERS) < 1:
+        raise ScannerConfigError("diskover agent scanner: workers must be at least 1")
+    if not values.get("retry-for", DEFAULT_RETRY_FOR) > 0:
+        raise ScannerConfigError("diskover agent scanner: retry-for must be more than 0 seconds")
+    return values, path
+
+
 def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
     """Settings from the environment over the config file; :class:`ScannerConfigError` when wrong.
 
     An empty environment variable counts as unset.
     """
     env = os.environ if environ is None else environ
-    explicit = env.get("DISKOVER_AGENT_CONFIG") or None
-    path = os.path.expanduser(explicit or DEFAULT_CONFIG)
-    values: dict[str, Any] = {}
-    config_file = None
-    if explicit or os.path.exists(path):
-        values = _read_config_file(path)
-        config_file = path
-    for key, name in _ENV.items():
-        raw = env.get(name)
-        if raw:
-            values[key] = _from_env(key, name, raw)
+    values, path = configured(env)
+    config_file = values.pop(_FILE, None)
     hosts = values.get("hosts") or []
     if not hosts:
         raise ScannerConfigError(
@@ -102,18 +128,8 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
             "(another file: DISKOVER_AGENT_CONFIG)"
         )
     port = values.get("port", DEFAULT_PORT)
-    if not 0 < port < 65536:
-        raise ScannerConfigError(f"diskover agent scanner: port {port} is out of range")
-    try:
-        parse_hosts(hosts, port)
-    except ValueError as exc:
-        raise ScannerConfigError(f"diskover agent scanner: {exc}") from None
     workers = values.get("workers", DEFAULT_WORKERS)
-    if workers < 1:
-        raise ScannerConfigError("diskover agent scanner: workers must be at least 1")
     retry_for = values.get("retry-for", DEFAULT_RETRY_FOR)
-    if not retry_for > 0:
-        raise ScannerConfigError("diskover agent scanner: retry-for must be more than 0 seconds")
     token = env.get("DISKOVER_AGENT_TOKEN") or None
     if token is None and values.get("token-file"):
         token = _read_token(values["token-file"])
@@ -134,8 +150,8 @@ def _read_config_file(path: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         where = f"diskover agent scanner config {path}: {key}"
-        if key not in _ENV:
-            raise ScannerConfigError(f"{where}: unknown setting (known: {', '.join(_ENV)})")
+        if key not in ENV:
+            raise ScannerConfigError(f"{where}: unknown setting (known: {', '.join(ENV)})")
         if key in _LISTS:
             if isinstance(value, str):
                 value = _split(value)
