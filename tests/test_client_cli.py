@@ -371,9 +371,9 @@ def du_tree(tmp_path: Path) -> Path:
     return top
 
 
-def local_du(top: Path) -> dict[bytes, tuple[int, int, int]]:
-    """Per-directory ``(files, apparent, allocated)`` totals, everything below included, each
-    inode counted once (in the directory of its first path in byte order)."""
+def local_du(top: Path) -> dict[bytes, tuple[int, int, int, int]]:
+    """Per-directory ``(files, apparent, allocated, dirs)`` totals, everything below included, each
+    inode counted once (in the directory of its first path in byte order), each directory itself too."""
     lb = os.fsencode(top)
     own: dict[bytes, list[int]] = {}
     inodes: dict[tuple[int, int], tuple[bytes, bytes, os.stat_result]] = {}
@@ -392,16 +392,32 @@ def local_du(top: Path) -> dict[bytes, tuple[int, int, int]]:
         own[r][0] += 1
         own[r][1] += st.st_size
         own[r][2] += st.st_blocks * 512
-    return {d: tuple(sum(own[x][i] for x in own if x == d or x.startswith(d + b"/")) for i in range(3))
+    return {d: (*(sum(own[x][i] for x in own if x == d or x.startswith(d + b"/")) for i in range(3)),
+                sum(1 for x in own if x == d or x.startswith(d + b"/")))
             for d in own}
 
 
-def parse_du(out: bytes) -> list[tuple[bytes, int, bytes]]:
-    rows = []
-    for line in out.splitlines():
-        size, files, path = line.split(b"\t", 2)
-        rows.append((size, int(files), path))
-    return rows
+def du_order(top: Path, files: bool = False) -> list[bytes]:
+    """The remote paths in the order du prints them: each directory after everything below it,
+    siblings in byte order (GNU du takes them in readdir order)."""
+    out: list[bytes] = []
+
+    def visit(local: bytes, remote: bytes) -> None:
+        for name in sorted(os.listdir(local)):
+            st = os.lstat(os.path.join(local, name))
+            if stat.S_ISDIR(st.st_mode):
+                visit(os.path.join(local, name), remote + b"/" + name)
+            elif files:
+                out.append(remote + b"/" + name)
+        out.append(remote)
+
+    visit(os.fsencode(top), RB)
+    return out
+
+
+def parse_du(out: bytes) -> list[tuple[bytes, bytes]]:
+    """``(size, path)`` of each line of du output, in order."""
+    return [tuple(line.split(b"\t", 1)) for line in out.splitlines()]  # type: ignore[misc]
 
 
 def gnu_du(top: Path, *args: str) -> dict[bytes, bytes]:
@@ -411,40 +427,50 @@ def gnu_du(top: Path, *args: str) -> dict[bytes, bytes]:
     return {remote_of(top, path): size for size, path in (line.split(b"\t", 1) for line in out.splitlines())}
 
 
-@pytest.mark.parametrize("options", [(), ("--apparent-size",), ("-h",), ("-h", "--apparent-size")])
-def test_du_equals_local_totals_and_gnu_du(du_tree, start_agent, options):
+@pytest.mark.parametrize("options", [(), ("--apparent-size",), ("-h",), ("-h", "--apparent-size"), ("-b",),
+                                     ("-k",), ("-a", "-b"), ("-a",), ("-b", "-k"), ("-ak", "--apparent-size")])
+def test_du_prints_as_gnu_du(du_tree, start_agent, options):
+    """Each line is GNU du's for the same tree and options (SIZE, a tab, the path), in du's
+    order: a directory after everything below it."""
     agent = start_agent([(REMOTE, str(du_tree))])
-    r = cli("--hosts", agent.hostspec, "du", *options, REMOTE)
-    assert r.returncode == 0, r.stderr
+    r = cli("--hosts", agent.hostspec, "-q", "du", *options, REMOTE)
+    assert (r.returncode, r.stderr) == (0, b"")
     rows = parse_du(r.stdout)
-    *dirs, total = rows
-    want = local_du(du_tree)
-    which = 1 if "--apparent-size" in options else 2
-    assert {p: f for _s, f, p in dirs} == {p: t[0] for p, t in want.items()}
-    if "-h" not in options:
-        assert {p: int(s) for s, _f, p in dirs} == {p: t[which] for p, t in want.items()}
-        assert [int(s) for s, _f, _p in dirs] == sorted((int(s) for s, _f, _p in dirs), reverse=True)
-    gnu = gnu_du(du_tree, *(["-h"] if "-h" in options else ["-B1"]), *(["--apparent-size"] if which == 1 else []))
-    assert {p: s for s, _f, p in dirs} == gnu  # GNU du agrees, hard link counted once
-    assert total == (gnu[RB], want[RB][0], b"total")
-    assert dirs[0][2] == RB  # largest first: the top holds everything
+    gnu = gnu_du(du_tree, *options)
+    all_files = any("a" in o for o in options if not o.startswith("--"))
+    links = {RB + b"/links/one", RB + b"/links/two"}  # one inode: GNU du -a prints the name readdir gives first
+    if all_files:
+        ours = dict((p, s) for s, p in rows)
+        assert RB + b"/links/two" not in ours and [ours[RB + b"/links/one"]] == [gnu[p] for p in links if p in gnu]
+    rows = [(s, p) for s, p in rows if p not in links]
+    assert {p: s for s, p in rows} == {p: s for p, s in gnu.items() if p not in links}
+    assert [p for _s, p in rows] == [p for p in du_order(du_tree, all_files) if p not in links]
 
 
-def test_du_max_depth_summarize_and_cross_directory_hard_link(du_tree, start_agent):
+def test_du_counts_max_depth_summarize_total_and_cross_directory_hard_link(du_tree, start_agent):
     os.link(du_tree / "links" / "one", du_tree / "a" / "b" / "three")  # now also in another directory
     settle_atimes(du_tree)
     agent = start_agent([(REMOTE, str(du_tree))])
     want = local_du(du_tree)
-    r = cli("--hosts", agent.hostspec, "-q", "du", "--max-depth", "1", REMOTE)
+    du = ("--hosts", agent.hostspec, "-q", "du")
+    r = cli(*du, "-b", "--counts", "--max-depth", "1", REMOTE)
     assert r.returncode == 0, r.stderr
-    *dirs, total = parse_du(r.stdout)
-    depth1 = {p: t for p, t in want.items() if p == RB or p.count(b"/") == RB.count(b"/") + 1}
-    assert {p: (f, int(s)) for s, f, p in dirs} == {p: (t[0], t[2]) for p, t in depth1.items()}
+    rows = [line.split(b"\t") for line in r.stdout.splitlines()]
+    depth1 = [p for p in du_order(du_tree) if p == RB or p.count(b"/") == RB.count(b"/") + 1]
+    assert [p for *_, p in rows] == depth1  # no total line
+    assert {p: (int(f), int(d), int(s)) for s, f, d, p in rows} == {p: (want[p][0], want[p][3], want[p][1])
+                                                                   for p in depth1}
     assert want[RB + b"/a"][0] == 4 and want[RB + b"/links"][0] == 1  # "a/b/three" < "links/one": counted in a
-    assert total == (str(want[RB][2]).encode(), want[RB][0], b"total")
-    assert gnu_du(du_tree, "-B1", "-s")[RB] == total[0]
-    r = cli("--hosts", agent.hostspec, "-q", "du", "-s", "-h", REMOTE)
-    assert r.stdout.splitlines()[0].split(b"\t") == [gnu_du(du_tree, "-h", "-s")[RB], str(want[RB][0]).encode(), RB]
+    assert gnu_du(du_tree, "-b", "-s")[RB] == rows[-1][0]  # the top's total is GNU du's, however it splits links
+    # -s: the top only, once; -c: a grand total line; both: the two lines
+    assert cli(*du, "-s", "-h", REMOTE).stdout == gnu_du(du_tree, "-h", "-s")[RB] + b"\t" + RB + b"\n"
+    r = cli(*du, "-c", REMOTE)
+    assert r.stdout.splitlines()[-1] == gnu_du(du_tree, "-s")[RB] + b"\ttotal"
+    assert r.stdout.splitlines(keepends=True)[:-1] == cli(*du, REMOTE).stdout.splitlines(keepends=True)
+    top = gnu_du(du_tree, "-s")[RB]
+    assert cli(*du, "-sc", REMOTE).stdout == top + b"\t" + RB + b"\n" + top + b"\ttotal\n"
+    r = cli(*du, "-s", "--max-depth", "1", REMOTE)
+    assert r.returncode == 2 and b"conflicts with --max-depth 1" in r.stderr
     assert cli("--hosts", agent.hostspec, "du", "--help").stdout.startswith(b"usage: diskover-agent du")
 
 
