@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, Optional
 
 from ..errors import AgentError
-from ..scanner.config import DEFAULT_CONFIG, ScannerConfigError, configured
+from ..scanner.config import DEFAULT_CONFIG, ENV, ScannerConfigError, configured
 from ..transport import DEFAULT_PORT, TOKEN_ENV
 from ..walk import DEFAULT_RETRY_FOR
 from .common import (
@@ -51,6 +51,8 @@ class Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args: Optional[Sequence[str]] = None,  # type: ignore[override]
                          namespace: Optional[argparse.Namespace] = None) -> tuple[argparse.Namespace, list[str]]:
+        if self._subparsers is not None:
+            self._check_before_command(sys.argv[1:] if args is None else list(args))
         ns, extras = super().parse_known_args(args, namespace)
         if extras and isinstance(getattr(ns, "paths", None), list):
             # argparse gives PATH... only the paths before the first option: `ls /a -l /b` lists both.
@@ -60,6 +62,20 @@ class Parser(argparse.ArgumentParser):
             sub = self._subparsers._group_actions[0].choices.get(getattr(ns, "command", None))  # type: ignore[union-attr]
             (sub or self).error(f"unrecognized arguments: {' '.join(extras)}")
         return ns, extras
+
+    def _check_before_command(self, args: list[str]) -> None:
+        """A long option before the subcommand that no parser knows: its error now, with a
+        suggestion (else argparse takes its value for the subcommand: "invalid choice")."""
+        commands = self._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+        known = set(self._option_string_actions)
+        for sub in commands.values():
+            known.update(sub._option_string_actions)
+        for arg in args:
+            if arg in commands or arg == "--":
+                return
+            name = arg.split("=", 1)[0]
+            if name.startswith("--") and not any(o.startswith(name) for o in known):
+                self.error(f"unrecognized arguments: {arg}")
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
         super().error(message + _suggestion(self, message))
@@ -154,9 +170,9 @@ def _add_globals(p: argparse.ArgumentParser, suppress: bool) -> None:
 
 
 _ENV_EPILOG = (
-    "Settings not given as options come from the scanner's DISKOVER_AGENT_* environment variables "
-    "(HOSTS, PORT, TOKEN, TOKEN_FILE, TLS, CAFILE, INSECURE, WORKERS, RETRY_FOR, EXCLUDE_DIRS, EXCLUDE_FILES, "
-    "ONE_FS), then its config file ($DISKOVER_AGENT_CONFIG, else " + DEFAULT_CONFIG + "). "
+    "What the options leave out comes from the scanner's settings: the environment variables "
+    + ", ".join(ENV.values()) + ", DISKOVER_AGENT_TOKEN (the token itself), then the config file "
+    "($DISKOVER_AGENT_CONFIG, else " + DEFAULT_CONFIG + "). "
 )
 
 
