@@ -328,6 +328,10 @@ def test_ls_several_paths_as_ls(agent, tree):
         want = gnu("ls", "-A", "-N", *(flags or ["-1"]), "a", "b", "empty", cwd=tree)
         assert r.stdout == want.replace(b"a:\n", RB + b"/a:\n").replace(b"b:\n", RB + b"/b:\n").replace(
             b"empty:\n", RB + b"/empty:\n"), flags
+    # paths after an option are paths too: `ls a -l b` lists a and b
+    both = cli(*h, "ls", "-l", REMOTE + "/a", REMOTE + "/b")
+    assert cli(*h, "ls", REMOTE + "/a", "-l", REMOTE + "/b").stdout == both.stdout
+    assert both.stdout.count(b":\n") == 2
     # one path that fails: its error on stderr, the others printed, exit status 1 at the end
     r = cli(*h, "ls", REMOTE + "/a", REMOTE + "/nope", REMOTE + "/b")
     assert r.returncode == 1
