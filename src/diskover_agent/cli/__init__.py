@@ -3,12 +3,14 @@
 ::
 
     diskover-agent [--hosts H1,H2] [--port N] [--token-file F] [--tls] [--cafile F] [--insecure]
-                   [--workers N] [--timeout S] [--retry-for S] [-q] {ls,walk,du} ...
+                   [--workers N] [--timeout S] [--retry-for S] [-q] [-V] {ls,walk,du,report} ...
 
-``ls PATH`` lists one directory, ``walk PATH`` writes every entry of a tree as NDJSON or CSV,
-``du PATH`` totals a tree per directory. Exit status: 0 complete; 1 finished, but some
-directories could not be listed (each one named on stderr); 2 could not run (bad arguments,
-no agent reachable, refused by the agent); 130 interrupted (Ctrl-C); 141 output pipe closed.
+(the global options also after the subcommand; what they leave out comes from the scanner's
+``DISKOVER_AGENT_*`` settings). ``ls PATH...`` lists directories, ``walk PATH`` writes every
+entry of a tree as NDJSON or CSV, ``du PATH...`` prints disk usage as GNU du.
+Exit status: 0 complete; 1 finished, but some directories could not be listed (each one
+named on stderr); 2 could not run (bad arguments, no agent reachable, refused by the agent);
+130 interrupted (Ctrl-C); 141 output pipe closed.
 
 The package: :mod:`.main` (the parser and the console script), :mod:`.common` (what every
 command shares), :mod:`.crawl` (a walk's counters, progress display and summary line),

@@ -304,10 +304,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "format", "") is None:
         args.format = "parquet" if args.dask is not None else "ndjson"
     try:
-        apply_settings(args)
         run = command(args.command)
-        if args.command == "report":
+        if args.command == "report":  # a dataset on this host: no agents, no settings
             return run(args)
+        apply_settings(args)
         ctx = Context(args)
         return run(args, ctx)
     except UsageError as exc:
