@@ -75,6 +75,8 @@ def parse_host(spec: str, default_port: int = DEFAULT_PORT) -> HostAddress:
         if not sep or not addr or (rest and not rest.startswith(":")):
             raise ValueError(f"bad host {spec!r}: expected [ipv6]:port")
         return HostAddress(addr, _port(rest[1:], spec) if rest else default_port, spec)
+    if any(c.isspace() for c in text):
+        raise ValueError(f"bad host {spec!r}: separate hosts with commas (a,b), not spaces")
     if text.count(":") > 1:  # a bare IPv6 address
         return HostAddress(text, default_port, spec)
     name, sep, port = text.partition(":")
@@ -132,6 +134,9 @@ def read_token_file(path: str) -> str:
         raise ValueError(f"the token file {path} is empty")
     if len(data) > MAX_TOKEN_BYTES + 1:
         raise ValueError(f"the token file {path} is larger than {MAX_TOKEN_BYTES} bytes: it must hold one token")
+    if not all(32 <= b < 127 or b in b"\t\n\r" for b in data):
+        raise ValueError(f"the token file {path} is not text (it holds other bytes than printable ASCII): "
+                         "it must hold one token")
     if b"\n" in data.strip() or b"\r" in data.strip():
         raise ValueError(f"the token file {path} holds more than one line: it must hold one token")
     problem = token_problem(text)

@@ -4,14 +4,24 @@ process or (``--dask``) as Dask tasks."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from typing import IO, Any, Optional, Union
 
 from ..dataset import DatasetWriter, prepare_output
+from ..errors import AgentError
 from ..protocol import KIND_DIR
-from .common import EXIT_PARTIAL, PROG, Context, UsageError, _join, _positive, remote_path, size_text
+from .common import (
+    EXIT_PARTIAL,
+    PROG,
+    Context,
+    UsageError,
+    _join,
+    _positive,
+    remote_path,
+    require_modules,
+    size_text,
+)
 from .crawl import Crawl, _show_progress, finish, run_crawl
 from .output import RecordWriter
 
@@ -25,8 +35,7 @@ def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
     if args.format == "parquet":
         if to_stdout:
             raise UsageError("--format parquet writes a dataset: give -o DIR")
-        if importlib.util.find_spec("pyarrow") is None:  # imported when the first partition is written
-            raise UsageError("--format parquet needs pyarrow (pip install 'diskover-storage-agent[dask]')")
+        require_modules("--format parquet", ["pyarrow"])  # imported when the first partition is written
     ctx.check_reachable(top)
     out: Optional[IO[bytes]] = None
     sink: Union[RecordWriter, DatasetWriter]
@@ -58,12 +67,22 @@ def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
             sink.close(crawl.seconds)
         else:
             sink.flush()
+            if out is not None and not to_stdout:
+                out.close()  # its last write: a full disk says so here
         return finish(ctx, crawl)
+    except (AgentError, BrokenPipeError):
+        raise
+    except OSError as exc:  # the output could not be written (the walk's own errors are AgentErrors)
+        raise UsageError(f"cannot write {'the output' if to_stdout else args.output}: {exc.strerror or exc}") \
+            from None
     finally:
         if isinstance(sink, RecordWriter):
             sink.detach()
-        if out is not None and not to_stdout:
-            out.close()
+        if out is not None and not to_stdout and not out.closed:
+            try:
+                out.close()
+            except OSError:
+                pass  # the error that stopped the walk is the one reported
 
 
 def _prepare_dataset(output: str) -> None:
@@ -78,10 +97,8 @@ def _prepare_dataset(output: str) -> None:
 
 def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
     """``walk --dask``: the walk as Dask tasks, written as a dataset of partitions in ``-o DIR``."""
-    try:
-        from ..distributed import dask_walk, local_cluster
-    except ImportError as exc:  # pragma: no cover - the [dask] extra is missing
-        raise UsageError(f"--dask needs the dask extra (pip install 'diskover-storage-agent[dask]'): {exc}") from None
+    require_modules("--dask", ["distributed", "pyarrow"] if args.format == "parquet" else ["distributed"])
+    from ..distributed import dask_walk, local_cluster
     if args.output in (None, "-"):
         raise UsageError("--dask writes a dataset: give -o DIR")
     if args.format == "csv":
