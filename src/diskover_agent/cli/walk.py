@@ -22,7 +22,7 @@ from .common import (
     require_modules,
     size_text,
 )
-from .crawl import Crawl, _show_progress, finish, run_crawl
+from .crawl import Crawl, Progress, _show_progress, finish, run_crawl
 from .output import RecordWriter
 
 
@@ -85,6 +85,28 @@ def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
                 pass  # the error that stopped the walk is the one reported
 
 
+class TaskCounts:
+    """What the tasks of ``walk --dask`` counted so far, summed as their results arrive, for
+    the same progress display as a walk by this process (:class:`~.crawl.Progress`)."""
+
+    def __init__(self, hosts: list[str]) -> None:
+        self.dirs = self.entries = self.bytes = self.errors = 0
+        self._requests = dict.fromkeys(hosts, 0)
+
+    def add(self, result: Any) -> None:
+        """Count one task's :class:`~diskover_agent.distributed.PartResult`."""
+        self.dirs += result.dirs
+        self.entries += result.entries
+        self.bytes += result.bytes
+        self.errors += result.errors
+        for host, n in result.requests.items():
+            if host in self._requests:  # (the display's thread reads this dict: its keys stay as they are)
+                self._requests[host] += n
+
+    def served(self) -> dict[str, dict[str, int]]:
+        return {host: {"requests": n} for host, n in self._requests.items()}
+
+
 def _prepare_dataset(output: str) -> None:
     """Create, or check, the directory of a walk's dataset: a usage error when it cannot be one."""
     try:
@@ -117,20 +139,13 @@ def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
             client = Client(args.dask)
     except (ValueError, OSError, argparse.ArgumentTypeError) as exc:
         raise UsageError(f"cannot reach the Dask scheduler {args.dask}: {exc}") from None
-    bar = None
-    if _show_progress(ctx):
-        from tqdm import tqdm
-
-        bar = ctx.bar = tqdm(total=None, file=sys.stderr, unit=" entries", unit_scale=True, dynamic_ncols=True)
+    counts = TaskCounts(ctx.hosts)
+    display = Progress(ctx, counts) if _show_progress(ctx) else None
 
     def progress(summary: Any, result: Any) -> None:
         if result.errors:
             ctx.warn(f"{result.errors} directories could not be listed (error rows in {result.file})")
-        if bar is not None:
-            bar.update(result.entries)
-            bar.set_postfix_str(f"{summary.dirs:,} dirs, {size_text(summary.bytes)} in files, "
-                                f"{len(summary.files)}/{summary.tasks} tasks, {summary.errors} errors",
-                                refresh=False)
+        counts.add(result)
 
     try:
         summary = dask_walk(
@@ -141,9 +156,8 @@ def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
     except FileExistsError as exc:
         raise UsageError(str(exc)) from None
     finally:
-        if bar is not None:
-            bar.close()
-            ctx.bar = None
+        if display is not None:
+            display.close()
         client.close()
         if args.dask.startswith("local:"):
             client.cluster.close()
