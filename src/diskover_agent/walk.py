@@ -597,6 +597,8 @@ class Walker:
         except TRANSIENT_ERRORS as exc:
             self._flush(out)
             self._requeue(list(pending))
+            if self._stopping:  # broken off by stop(): the host did nothing wrong
+                return
             retry_after = exc.retry_after if isinstance(exc, AgentBusyError) else None
             self.hosts.failed(idx, retry_after, exc)
             return
