@@ -127,12 +127,14 @@ needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="nee
 def test_output_that_cannot_be_written_exits_2(tree, tmp_path, start_agent):
     agent = start_agent([(REMOTE, str(tree))])
     h = agent.hostspec
-    line = one_line(cli("--hosts", h, "walk", "-o", "/dev/full", REMOTE))
-    assert line == "diskover-agent: cannot write /dev/full: No space left on device\n"
+    for fmt in ("ndjson", "csv"):
+        line = one_line(cli("--hosts", h, "walk", "--format", fmt, "-o", "/dev/full", REMOTE))
+        assert line == "diskover-agent: cannot write /dev/full: No space left on device\n"
     dataset = tmp_path / "ds"
     assert cli("--hosts", h, "-q", "walk", "--format", "parquet", "-o", str(dataset), REMOTE).returncode == 0
     with open("/dev/full", "wb") as full:
-        for command in (["walk", REMOTE], ["ls", REMOTE], ["du", REMOTE], ["report", str(dataset)]):
+        for command in (["walk", REMOTE], ["walk", "--format", "csv", REMOTE], ["ls", REMOTE], ["du", REMOTE],
+                        ["report", str(dataset)]):
             r = cli("--hosts", h, "-q", *command, stdout=full)
             assert one_line(r) == "diskover-agent: cannot write the output: No space left on device\n", command
 

@@ -76,8 +76,6 @@ def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
         raise UsageError(f"cannot write {'the output' if to_stdout else args.output}: {exc.strerror or exc}") \
             from None
     finally:
-        if isinstance(sink, RecordWriter):
-            sink.detach()
         if out is not None and not to_stdout and not out.closed:
             try:
                 out.close()
