@@ -166,7 +166,7 @@ for name in ("distributed", "dask", "pyarrow", "duckdb"):
 def test_missing_dask_extra_names_the_pip_install(tmp_path, dead_host):
     (tmp_path / "block").mkdir()
     (tmp_path / "block" / "sitecustomize.py").write_text(_BLOCKER)
-    env = clean_env(PYTHONPATH=str(tmp_path / "block"))
+    env = clean_env(PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "block"), os.environ.get("PYTHONPATH")])))
     probe = subprocess.run([sys.executable, "-c", "import pyarrow"], capture_output=True, env=env)
     assert b"ModuleNotFoundError" in probe.stderr  # the blocker works
     (tmp_path / "ds").mkdir()
