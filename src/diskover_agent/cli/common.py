@@ -10,6 +10,7 @@ import os
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -43,6 +44,9 @@ EXIT_PIPE = 141
 class UsageError(Exception):
     """A command line that cannot run (exit status 2)."""
 
+
+#: Seconds, in all, to find out whether hosts no request could reach disagree with us about TLS.
+TLS_PROBE_SECONDS = 5.0
 
 #: What installs the modules of ``walk --dask``, ``--format parquet`` and ``report``.
 DASK_INSTALL = "pip install 'diskover-storage-agent[dask]'"
@@ -209,10 +213,14 @@ class Context:
         """After no agent could be reached: why, when the reason is that this client and an
         agent disagree about TLS (the advice: add or remove ``--tls``); else None."""
         tls = bool(self.options["tls"])
+        deadline = time.monotonic() + min(self.options["timeout"], TLS_PROBE_SECONDS)
         for address in self.addresses:
-            if tls and _speaks_plain_http(address, self.options["timeout"]):
+            left = deadline - time.monotonic()
+            if left <= 0:  # hosts that hang: the reason stays the one the request gave
+                break
+            if tls and _speaks_plain_http(address, left):
                 return f"{address.label} serves plain HTTP, not HTTPS: remove --tls (and --cafile, --insecure)"
-            if not tls and _speaks_tls(address, self.options["timeout"]):
+            if not tls and _speaks_tls(address, left):
                 return f"{address.label} serves HTTPS: add --tls (with --cafile FILE for a private CA)"
         return None
 
@@ -231,7 +239,7 @@ def _check_cafile(path: str) -> None:
 def _speaks_plain_http(address: HostAddress, timeout: float) -> bool:
     """Whether the agent at ``address`` answers a plain HTTP request."""
     try:
-        with socket.create_connection((address.host, address.port), timeout=min(timeout, 5.0)) as sock:
+        with socket.create_connection((address.host, address.port), timeout=timeout) as sock:
             sock.sendall(b"GET /_agent/health HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
             return sock.recv(5) == b"HTTP/"
     except OSError:
@@ -245,7 +253,7 @@ def _speaks_tls(address: HostAddress, timeout: float) -> bool:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     try:
-        with socket.create_connection((address.host, address.port), timeout=min(timeout, 5.0)) as sock, \
+        with socket.create_connection((address.host, address.port), timeout=timeout) as sock, \
                 ctx.wrap_socket(sock, server_hostname=address.host):
             return True
     except OSError:
