@@ -208,7 +208,6 @@ class Context:
             return make_stat(listing.stat)
         raise AgentConnectionError("no agent reachable: " + "; ".join(reasons))
 
-
     def tls_mismatch(self) -> Optional[str]:
         """After no agent could be reached: why, when the reason is that this client and an
         agent disagree about TLS (the advice: add or remove ``--tls``); else None."""
