@@ -480,7 +480,11 @@ MUTATIONS: list[Mutation] = [
         "clib-report-flush", "report's output is flushed at exit, past the error handling",
         "diskover_agent/cli/report.py",
         "        sys.stdout.flush()  # a write error surfaces here, as the command's, not at exit\n", "",
-        (f"{CLI_ERRORS}::test_output_that_cannot_be_written_exits_2",)),
+        (f"{CLI_ERRORS}::test_output_file_that_cannot_grow_exits_2[buffered]",)),
+    Mutation(
+        "clib-unbuffered-partial", "unbuffered (PYTHONUNBUFFERED), output cut short by a full disk is lost silently",
+        "diskover_agent/cli/common.py", "    if isinstance(raw, io.RawIOBase):", "    if False:",
+        (f"{CLI_ERRORS}::test_output_file_that_cannot_grow_exits_2[PYTHONUNBUFFERED]",)),
     Mutation(
         "clib-extra", "a missing extra is found out only when its module is imported",
         "diskover_agent/cli/common.py", "            found = importlib.util.find_spec(name) is not None",

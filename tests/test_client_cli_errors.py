@@ -10,6 +10,7 @@ import fcntl
 import os
 import pty
 import re
+import resource
 import signal
 import socket
 import struct
@@ -137,6 +138,31 @@ def test_output_that_cannot_be_written_exits_2(tree, tmp_path, start_agent):
                         ["report", str(dataset)]):
             r = cli("--hosts", h, "-q", *command, stdout=full)
             assert one_line(r) == "diskover-agent: cannot write the output: No space left on device\n", command
+
+
+def _small_files() -> None:
+    """In the child: files may not grow past 64 bytes, and writing past it fails with EFBIG
+    (instead of killing the process), as on a file system that is full."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"], ids=["buffered", "PYTHONUNBUFFERED"])
+def test_output_file_that_cannot_grow_exits_2(tree, tmp_path, start_agent, unbuffered):
+    """Output to a regular file is buffered: what fails is the last flush, which must be the
+    command's own (one line, status 2), not the interpreter's at exit. Unbuffered, a write
+    that stops short at the limit must not lose the rest silently."""
+    agent = start_agent([(REMOTE, str(tree))])
+    dataset = tmp_path / "ds"
+    r = cli("--hosts", agent.hostspec, "-q", "walk", "--format", "parquet", "-o", str(dataset), REMOTE)
+    assert r.returncode == 0, r.stderr
+    for command in (["walk", REMOTE], ["ls", REMOTE], ["du", REMOTE], ["report", str(dataset)]):
+        with open(tmp_path / "out", "wb") as out:
+            r = subprocess.run([str(SCRIPT), "--hosts", agent.hostspec, "-q", *command], stdout=out,
+                               stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=60,
+                               env={k: v for k, v in clean_env(PYTHONUNBUFFERED=unbuffered).items() if v},
+                               preexec_fn=_small_files)
+        assert one_line(r) == "diskover-agent: cannot write the output: File too large\n", command
 
 
 @pytest.mark.parametrize("command", [["walk", REMOTE], ["ls", REMOTE], ["du", REMOTE]])
@@ -338,6 +364,7 @@ def test_dask_walk_shows_the_same_progress_line(tree, tmp_path, start_agent):
         shown = [m.groups() for m in PROGRESS.finditer(seen.decode())]
         assert shown, seen
         finals.append(shown[-1])
-        lines = screen(seen, 160)
-        assert lines[0].startswith("diskover-agent: 21 directories, 5,020 entries") and lines[1:] == [""], lines
+        left = "".join(screen(seen, 160))  # what stays on the terminal: the summary line alone
+        assert left.startswith("diskover-agent: 21 directories, 5,020 entries"), left
+        assert " dirs (" not in left and "[00:" not in left, left
     assert finals[0] == finals[1] == ("21", "5.02k", "0 B", "1", "1", "0")

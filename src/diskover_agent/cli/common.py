@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import math
 import os
 import socket
@@ -66,6 +67,17 @@ def require_modules(what: str, modules: Sequence[str]) -> None:
     if missing:
         are = "is" if len(missing) == 1 else "are"
         raise UsageError(f"{what} needs {' and '.join(missing)}, which {are} not installed here: {DASK_INSTALL}")
+
+
+def buffer_stdout() -> None:
+    """Give standard output a buffer when it has none (``PYTHONUNBUFFERED``, ``python -u``):
+    a raw stream may write only part of what it is given (a full disk, a file size limit)
+    and say so only in its return value, which would lose the rest silently; a buffered one
+    writes it all or raises. The commands flush their output themselves."""
+    raw = sys.stdout.buffer
+    if isinstance(raw, io.RawIOBase):
+        sys.stdout = io.TextIOWrapper(io.BufferedWriter(raw), encoding=sys.stdout.encoding,
+                                      errors=sys.stdout.errors, line_buffering=sys.stdout.line_buffering)
 
 
 def discard_stdout() -> None:

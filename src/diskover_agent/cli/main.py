@@ -23,6 +23,7 @@ from .common import (
     _count,
     _positive,
     _seconds_arg,
+    buffer_stdout,
     discard_stdout,
 )
 
@@ -146,6 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "format", "") is None:
         args.format = "parquet" if args.dask is not None else "ndjson"
     ctx: Optional[Context] = None
+    buffer_stdout()
     try:
         run = command(args.command)
         if args.command == "report":

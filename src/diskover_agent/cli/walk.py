@@ -73,8 +73,9 @@ def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
     except (AgentError, BrokenPipeError):
         raise
     except OSError as exc:  # the output could not be written (the walk's own errors are AgentErrors)
-        raise UsageError(f"cannot write {'the output' if to_stdout else args.output}: {exc.strerror or exc}") \
-            from None
+        if to_stdout:
+            raise  # the console script reports it, and drops what standard output still holds
+        raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
     finally:
         if out is not None and not to_stdout and not out.closed:
             try:
