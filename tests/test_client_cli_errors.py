@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import msgspec
+import psutil
 import pytest
 
 from conftest import REMOTE, reference_walk, wait_for
@@ -259,8 +260,6 @@ def test_host_killed_mid_walk_is_named_when_set_aside_and_in_the_summary(tree, t
                              REMOTE], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env())
     assert proc.stderr is not None
     try:
-        import psutil
-
         def asking_doomed() -> bool:  # a walk connection to the stopped agent (the kernel accepted it)
             assert proc.poll() is None, "the walk ended while a request of it could not be answered"
             return any(c.raddr and c.raddr.port == doomed.port and c.status == psutil.CONN_ESTABLISHED
