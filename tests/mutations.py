@@ -526,6 +526,10 @@ MUTATIONS: list[Mutation] = [
         "diskover_agent/cli/walk.py", "                self._requests[host] += n\n", "                pass\n",
         (DASK_PROGRESS,)),
     Mutation(
+        "clib-stale-keepalive", "a request on a kept-alive connection the agent closed fails (the host set aside)",
+        "diskover_agent/transport.py", "            if not reused:\n                raise\n", "            raise\n",
+        ("tests/test_client_wire.py::test_a_kept_alive_connection_the_agent_closed_is_sent_again",)),
+    Mutation(
         "clib-metrics-401", "a refused request is counted as a listing, whatever it asked for",
         "diskover_storage_agent/server.py", "        if denied is not None:\n            return denied\n",
         "        if denied is not None:\n            record.endpoint = 'listing'\n            return denied\n",

@@ -347,13 +347,27 @@ class AgentHTTP:
             raise
 
     def _request(self, method: str, target: str, body: Optional[bytes] = None) -> http.client.HTTPResponse:
+        """Send a request and read its status line and headers. A kept-alive connection the
+        agent closed meanwhile (its keep-alive timeout, a restart) fails before any answer:
+        the request, which changes nothing, is sent once more on a new connection, so that
+        an idle connection is not taken for an agent that stopped answering."""
+        reused = self._conn is not None and self._conn.sock is not None
         self.connect()
         assert self._conn is not None
         headers = self._headers
         if body is not None:
             headers = {**headers, "Content-Type": MSGPACK_TYPE}
-        self._conn.request(method, target, body=body, headers=headers)
-        resp = self._conn.getresponse()
+        try:
+            self._conn.request(method, target, body=body, headers=headers)
+            resp = self._conn.getresponse()
+        except ConnectionError:  # reset, closed without an answer (RemoteDisconnected), broken pipe
+            if not reused:
+                raise
+            self.close()
+            self.connect()
+            assert self._conn is not None
+            self._conn.request(method, target, body=body, headers=headers)
+            resp = self._conn.getresponse()
         if resp.getheader(PROTOCOL_HEADER) is None:
             raise AgentProtocolError(f"{self.address.label} is not a diskover storage agent (HTTP {resp.status})")
         return resp
