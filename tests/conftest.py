@@ -23,6 +23,10 @@ import pytest
 #: unreadable directories are unreadable to the agent and to the reference os.walk.
 NOCAPS = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--"]
 HAVE_SETPRIV = shutil.which("setpriv") is not None
+#: Why a test that must read as root without its DAC capabilities is skipped.
+NO_SETPRIV = "needs setpriv (apt-get install util-linux) to drop root's read-everything capabilities"
+#: Why a test of the compiled read loop is skipped (tests/test_read_loop.py fails in CI instead).
+NOT_BUILT = "the compiled read loop was not built: needs gcc and python3-dev at install time, then pip install -e ."
 IS_ROOT = os.geteuid() == 0
 REMOTE = "/mnt/isilon"
 
@@ -125,7 +129,7 @@ def read_loop(request, monkeypatch) -> str:
     (tests/test_read_loop.py fails in CI then)."""
     if request.param == "compiled":
         if not compiled_read_loop_built():
-            pytest.skip("the compiled read loop was not built (no C compiler at install time)")
+            pytest.skip(NOT_BUILT)
         monkeypatch.delenv(PURE_ENV, raising=False)
     else:
         monkeypatch.setenv(PURE_ENV, "1")

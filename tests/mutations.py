@@ -45,9 +45,13 @@ CSV_WALK = "tests/test_client_cli.py::test_walk_csv_to_file_equals_local_walk"
 PARQUET_WALK = "tests/test_client_cli_dataset.py::test_walk_parquet_dataset_equals_local_walk"
 PARTITIONS = "tests/test_client_cli_dataset.py::test_dataset_writer_cuts_partitions_and_keeps_every_row_once"
 
+CLI_ERRORS = "tests/test_client_cli_errors.py"
+KILLED_MID_WALK = f"{CLI_ERRORS}::test_host_killed_mid_walk_is_named_when_set_aside_and_in_the_summary"
+DASK_PROGRESS = f"{CLI_ERRORS}::test_dask_walk_shows_the_same_progress_line"
+
 #: The start of the agent's request handler, before the token is checked.
-HEALTH = """        if parts == (CONTROL_PREFIX, b"health"):
-            record.endpoint = "health"
+HEALTH = """        record.endpoint = endpoint_of(parts)  # before the token check: a 401 counts as what it asked for
+        if record.endpoint == "health":
             return self._health(request)
 """
 
@@ -499,6 +503,92 @@ MUTATIONS: list[Mutation] = [
     Mutation("clia-du-parent-first", "du prints a directory before what is below it", "diskover_agent/cli/du.py",
              "                stack.append((path, depth, 1, totals))\n", "                yield path, totals\n",
              ("tests/test_client_cli.py::test_du_prints_as_gnu_du",)),
+    # -- clib: the command line's one-line errors, hosts set aside, the progress line, metrics labels, example config
+    Mutation(
+        "clib-cafile", "a --cafile without a certificate is not checked before connecting",
+        "diskover_agent/cli/common.py",
+        "        if args.cafile is not None:\n            _check_cafile(args.cafile)\n", "",
+        (f"{CLI_ERRORS}::test_cafile_without_a_certificate[empty]",)),
+    Mutation(
+        "clib-hosts-spaces", "hosts separated by spaces are taken as one host name",
+        "diskover_agent/transport.py", "    if any(c.isspace() for c in text):\n", "    if False:\n",
+        (f"{CLI_ERRORS}::test_hosts_are_separated_by_commas_not_spaces",)),
+    Mutation(
+        "clib-token-binary", "a binary token file is reported as a token of the wrong characters",
+        "diskover_agent/transport.py", "    if not all(32 <= b < 127 or b in b\"\\t\\n\\r\" for b in data):",
+        "    if False:", (f"{CLI_ERRORS}::test_token_file_that_is_not_one_token[binary]",)),
+    Mutation(
+        "clib-output-traceback", "output that cannot be written ends in a traceback",
+        "diskover_agent/cli/main.py", "    except OSError as exc:  # what the commands write",
+        "    except ValueError as exc:  # what the commands write",
+        (f"{CLI_ERRORS}::test_output_that_cannot_be_written_exits_2",)),
+    Mutation(
+        "clib-output-name", "walk -o FILE that cannot be written is not named",
+        "diskover_agent/cli/walk.py", "    except OSError as exc:  # the output could not be written",
+        "    except ValueError as exc:  # the output could not be written",
+        (f"{CLI_ERRORS}::test_output_that_cannot_be_written_exits_2",)),
+    Mutation(
+        "clib-report-flush", "report's output is flushed at exit, past the error handling",
+        "diskover_agent/cli/report.py",
+        "        sys.stdout.flush()  # a write error surfaces here, as the command's, not at exit\n", "",
+        (f"{CLI_ERRORS}::test_output_file_that_cannot_grow_exits_2[buffered]",)),
+    Mutation(
+        "clib-unbuffered-partial", "unbuffered (PYTHONUNBUFFERED), output cut short by a full disk is lost silently",
+        "diskover_agent/cli/common.py", "    if isinstance(raw, io.RawIOBase):", "    if False:",
+        (f"{CLI_ERRORS}::test_output_file_that_cannot_grow_exits_2[PYTHONUNBUFFERED]",)),
+    Mutation(
+        "clib-extra", "a missing extra is found out only when its module is imported",
+        "diskover_agent/cli/common.py", "            found = importlib.util.find_spec(name) is not None",
+        "            found = True", (f"{CLI_ERRORS}::test_missing_dask_extra_names_the_pip_install",)),
+    Mutation(
+        "clib-tls-advice", "TLS on one side only is reported as an unreachable agent, without the advice",
+        "diskover_agent/cli/main.py",
+        "        mismatch = ctx.tls_mismatch() if ctx is not None and isinstance(exc, AgentConnectionError) else None",
+        "        mismatch = None", (f"{CLI_ERRORS}::test_tls_on_one_side_only_says_add_or_remove_tls",)),
+    Mutation(
+        "clib-insecure", "--insecure without --tls is accepted (and does nothing)",
+        "diskover_agent/cli/common.py", "        if args.insecure and not tls:", "        if False:",
+        (f"{CLI_ERRORS}::test_insecure_without_tls",)),
+    Mutation(
+        "clib-set-aside-said", "a host set aside for not answering is not named on stderr",
+        "diskover_agent/walk.py", "        if reason is not None and self.watcher is not None:", "        if False:",
+        (KILLED_MID_WALK,)),
+    Mutation(
+        "clib-set-aside-summary", "the summary does not name the hosts set aside",
+        "diskover_agent/cli/crawl.py",
+        "        aside = f\", set aside (not answering): {', '.join(down)}\" if down else \"\"",
+        "        aside = \"\"", (KILLED_MID_WALK,)),
+    Mutation(
+        "clib-stop-sets-aside", "stopping a walk sets its hosts aside (a closed output pipe prints about them)",
+        "diskover_agent/walk.py",
+        "            if self._stopping:  # broken off by stop(): the host did nothing wrong\n                return\n",
+        "",
+        (f"{CLI_ERRORS}::test_progress_leaves_nothing_behind_when_the_output_is_closed_early",)),
+    Mutation(
+        "clib-progress-left", "the progress line stays on the terminal",
+        "diskover_agent/cli/crawl.py", "leave=False", "leave=True",
+        (f"{CLI_ERRORS}::test_progress_leaves_nothing_behind_when_the_output_is_closed_early",)),
+    Mutation(
+        "clib-dask-progress", "walk --dask shows no progress line",
+        "diskover_agent/cli/walk.py", "display = Progress(ctx, counts) if _show_progress(ctx) else None",
+        "display = None", (DASK_PROGRESS,)),
+    Mutation(
+        "clib-dask-hosts", "walk --dask's progress line counts no host in use",
+        "diskover_agent/cli/walk.py", "                self._requests[host] += n\n", "                pass\n",
+        (DASK_PROGRESS,)),
+    Mutation(
+        "clib-stale-keepalive", "a request on a kept-alive connection the agent closed fails (the host set aside)",
+        "diskover_agent/transport.py", "            if not reused:\n                raise\n", "            raise\n",
+        ("tests/test_client_wire.py::test_a_kept_alive_connection_the_agent_closed_is_sent_again",)),
+    Mutation(
+        "clib-metrics-401", "a refused request is counted as a listing, whatever it asked for",
+        "diskover_storage_agent/server.py", "        if denied is not None:\n            return denied\n",
+        "        if denied is not None:\n            record.endpoint = 'listing'\n            return denied\n",
+        ("tests/test_processes.py::test_refused_requests_are_counted_by_what_they_asked_for",)),
+    Mutation(
+        "clib-example-default", "the agent's keep-alive timeout default moves away from the example's",
+        "diskover_storage_agent/config.py", "DEFAULT_KEEPALIVE_TIMEOUT = 75.0", "DEFAULT_KEEPALIVE_TIMEOUT = 90.0",
+        ("tests/test_fresh_machine.py::test_example_config_comments_show_the_applied_defaults",)),
 ]
 
 

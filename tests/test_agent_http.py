@@ -32,7 +32,7 @@ from diskover_agent import parallel_walk
 from diskover_agent.protocol import STAT_FIELDS, DirFrame, EndFrame, EntriesFrame, ErrorFrame, read_frames
 from diskover_agent.protocol import VERSION as PROTOCOL_VERSION
 
-from conftest import HAVE_SETPRIV, IS_ROOT, REMOTE, as_bytes_rows, reference_walk, wait_for
+from conftest import HAVE_SETPRIV, IS_ROOT, NO_SETPRIV, REMOTE, as_bytes_rows, reference_walk, wait_for
 
 # -- helpers -----------------------------------------------------------------------------
 
@@ -315,7 +315,7 @@ NOT_EXPORTED = ["/etc", "/mnt/isilon2", "/mnt/isilon2/plain", "/mnt", "/", "/mnt
 
 def test_error_answers(awkward_tree, start_agent):
     if IS_ROOT and not HAVE_SETPRIV:
-        pytest.skip("needs setpriv to drop root's DAC capabilities")
+        pytest.skip(NO_SETPRIV)
     agent = start_agent([(REMOTE, str(awkward_tree))], nocaps=True)
     cases: list[tuple[str, str, int, str, int | None]] = [
         ("GET", REMOTE + "/nope", 404, "ENOENT", errno.ENOENT),

@@ -31,6 +31,7 @@ import pytest
 from conftest import (
     HAVE_SETPRIV,
     IS_ROOT,
+    NO_SETPRIV,
     REMOTE,
     make_awkward_tree,
     reference_walk,
@@ -330,7 +331,7 @@ def test_walk_maxdepth_and_exclude_like_os_walk_pruning(tmp_path, start_agent, m
         assert want.keys() == {RB + b"/" + n for n in os.listdir(os.fsencode(top))}
 
 
-@pytest.mark.skipif(IS_ROOT and not HAVE_SETPRIV, reason="root without setpriv reads every directory")
+@pytest.mark.skipif(IS_ROOT and not HAVE_SETPRIV, reason=NO_SETPRIV)
 def test_walk_unreadable_directories_exit_1(awkward_tree, start_agent):
     agent = start_agent([(REMOTE, str(awkward_tree))], nocaps=True)
     r = cli("--hosts", agent.hostspec, "walk", REMOTE)

@@ -15,7 +15,7 @@ import pytest
 
 from test_client_cli import TYPES, cli, hosts_of, readable_tree, remote_of
 
-from conftest import HAVE_SETPRIV, IS_ROOT, REMOTE, reference_walk
+from conftest import HAVE_SETPRIV, IS_ROOT, NO_SETPRIV, REMOTE, reference_walk
 
 pq = pytest.importorskip("pyarrow.parquet")
 
@@ -109,7 +109,7 @@ def test_walk_parquet_dataset_equals_local_walk(tmp_path, start_agent):
         "bytes": sum(w["size"] for w in files), "allocated": sum(w["blocks"] * 512 for w in files), "errors": 0}
 
 
-@pytest.mark.skipif(IS_ROOT and not HAVE_SETPRIV, reason="root without setpriv reads every directory")
+@pytest.mark.skipif(IS_ROOT and not HAVE_SETPRIV, reason=NO_SETPRIV)
 def test_walk_parquet_unreadable_directories_are_error_rows(awkward_tree, start_agent, tmp_path):
     agent = start_agent([(REMOTE, str(awkward_tree))], nocaps=True)
     out = tmp_path / "ds"

@@ -22,9 +22,9 @@ from diskover_agent import AgentConnection, parallel_walk
 from diskover_agent.errors import AgentConnectionError
 from diskover_agent.protocol import PROTOCOL_HEADER
 
-from conftest import HAVE_SETPRIV, IS_ROOT, REMOTE, FrontServer, as_bytes_rows, reference_walk, wait_for
+from conftest import HAVE_SETPRIV, IS_ROOT, NO_SETPRIV, REMOTE, FrontServer, as_bytes_rows, reference_walk, wait_for
 
-needs_nocaps = pytest.mark.skipif(IS_ROOT and not HAVE_SETPRIV, reason="needs setpriv to drop root's capabilities")
+needs_nocaps = pytest.mark.skipif(IS_ROOT and not HAVE_SETPRIV, reason=NO_SETPRIV)
 
 
 # -- trees -------------------------------------------------------------------------------------

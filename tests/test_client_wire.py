@@ -11,6 +11,7 @@ import http.client
 import itertools
 import os
 import re
+import select
 import socket
 import threading
 import time
@@ -24,9 +25,12 @@ from diskover_agent import AgentConnection, parallel_walk
 from diskover_agent.backoff import BACKOFF_FIRST, BACKOFF_MAX
 from diskover_agent.errors import AgentConnectionError, AgentProtocolError
 from diskover_agent.protocol import WalkRequest
+from diskover_agent.transport import AgentHTTP, ClientOptions, parse_host
 from diskover_agent.walk import FIRST_BUDGET, MAX_BUDGET, SUBTREE_PER_HOST, Walker, _Hosts
 
-from conftest import REMOTE, FrontServer, as_bytes_rows, reference_walk, slowfs_mounted
+from conftest import REMOTE, FrontServer, as_bytes_rows, reference_walk, slowfs_mounted, wait_for
+
+RB = REMOTE.encode()
 
 MODES = ["subtree", "listdir"]
 
@@ -346,3 +350,27 @@ def test_walk_requests_reuse_their_connections(tmp_path, start_agent):
     assert requests > 20  # budgets of at most 8 entries: many requests
     opened = [conn.opened for conn in walker._conns]
     assert 1 <= len(opened) <= 2 and opened == [1] * len(opened), (opened, requests)  # one per walk thread
+
+
+def test_a_kept_alive_connection_the_agent_closed_is_sent_again(tmp_path, start_agent):
+    """The agent closes an idle connection (its keep-alive timeout); the next request on it
+    goes out again on a new connection instead of failing (a walk would set the host aside
+    and name it as not answering)."""
+    top = tmp_path / "t"
+    (top / "sub").mkdir(parents=True)
+    agent = start_agent([(REMOTE, str(top))], extra=("--keepalive-timeout", "1"))
+    conn = AgentHTTP(parse_host(agent.hostspec), ClientOptions())
+    try:
+        assert conn.statvfs(RB, REMOTE)["f_bsize"] > 0  # its answer read to the end: kept alive
+        assert conn._conn is not None
+        sock = conn._conn.sock
+
+        def closed_by_the_agent() -> bool:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+
+        wait_for(closed_by_the_agent, what="the agent to close the idle connection")
+        assert conn.statvfs(RB, REMOTE)["f_bsize"] > 0
+        assert conn.opened == 2
+    finally:
+        conn.close()

@@ -367,3 +367,39 @@ def test_sigterm_lets_answers_in_flight_finish(gated, start_agent):
     slow.close()
     assert agent.proc.wait(30) == 0
     assert all(state(pid) is None for pid, _ in kids.values())
+
+
+def test_refused_requests_are_counted_by_what_they_asked_for(tree, tmp_path, start_agent):
+    """401s on the walk, listing and info endpoints are counted under those endpoints (not
+    all as listings), in whichever worker process answered them; a scrape sums them all."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    token = tmp_path / "token"
+    token.write_text("metrics-token\n")
+    agent = start_agent([(REMOTE, str(tree))], processes=2, extra=("--token-file", str(token)))
+    kids = children(agent, 2)
+    asked = (("POST", "/_agent/v1/walk?format=msgpack"), ("GET", REMOTE), ("GET", "/_agent/v1/info"))
+    for pid, _ in kids.values():
+        conn = connect(agent, pid)
+        for method, target in asked:
+            conn.request(method, target, body=b"" if method == "POST" else None)
+            resp = conn.getresponse()
+            assert (resp.status, resp.read()[:1]) == (401, b"{")
+        conn.close()
+
+    def requests() -> dict[tuple[str, str], float]:
+        status, _, body = http_get(agent.port, "/_agent/metrics", headers={"Authorization": "Bearer metrics-token"})
+        assert status == 200
+        out: dict[tuple[str, str], float] = {}
+        for family in text_string_to_metric_families(body.decode()):
+            if family.name == "diskover_agent_requests":
+                for sample in family.samples:
+                    if sample.name == "diskover_agent_requests_total":
+                        out[sample.labels["endpoint"], sample.labels["status"]] = sample.value
+        return out
+
+    refused = wait_for(lambda: (r := requests()) and sum(v for (_, s), v in r.items() if s == "401") == 6 and r,
+                       what="6 refusals counted")
+    assert {k: v for k, v in refused.items() if k[1] == "401"} == {
+        ("walk", "401"): 2, ("listing", "401"): 2, ("info", "401"): 2}
+    assert not any(endpoint == "unknown" for endpoint, _ in refused)

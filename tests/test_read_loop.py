@@ -30,6 +30,7 @@ from diskover_agent.protocol import (
 )
 
 from conftest import (
+    NOT_BUILT,
     READ_LOOPS,
     REMOTE,
     assert_read_loop,
@@ -50,7 +51,7 @@ def test_compiled_read_loop_is_built_in_ci():
     if not compiled_read_loop_built():
         if os.environ.get("CI") == "true":
             pytest.fail("CI=true but the compiled read loop (diskover_storage_agent._readdir) was not built")
-        pytest.skip("the compiled read loop was not built (no C compiler at install time)")
+        pytest.skip(NOT_BUILT)
     from diskover_storage_agent import _readdir
 
     assert _readdir.__file__.startswith(os.path.dirname(sys.modules["diskover_storage_agent"].__file__))
@@ -122,7 +123,7 @@ def walk_answers(agent, req: WalkRequest, fmt: str) -> list[bytes]:
 def both_agents(tricky_tree, start_agent, monkeypatch):
     """A compiled-loop agent and a pure-Python one on the same tree (its atimes settled first)."""
     if not compiled_read_loop_built():
-        pytest.skip("the compiled read loop was not built (no C compiler at install time)")
+        pytest.skip(NOT_BUILT)
     settle_atimes(tricky_tree)
     agents = {}
     for loop in READ_LOOPS:
@@ -170,7 +171,7 @@ def test_both_read_loops_agree_without_d_type(tmp_path, start_agent, monkeypatch
     """On a file system whose directory entries carry no type (FUSE, like some NFS and XFS:
     ``DT_UNKNOWN``), each entry's kind comes from its lstat, in both loops alike."""
     if not compiled_read_loop_built():
-        pytest.skip("the compiled read loop was not built (no C compiler at install time)")
+        pytest.skip(NOT_BUILT)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     with slowfs_mounted(mnt, SLOW="0"):
@@ -287,7 +288,7 @@ def test_names_frames_and_entries_frames_tell_the_same(tricky_tree, start_agent,
 @pytest.fixture
 def readdir_module():
     if not compiled_read_loop_built():
-        pytest.skip("the compiled read loop was not built (no C compiler at install time)")
+        pytest.skip(NOT_BUILT)
     from diskover_storage_agent import _readdir
 
     return _readdir

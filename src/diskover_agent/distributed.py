@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from .dataset import FORMATS, MANIFEST, PART_PREFIX, Rows, WalkSummary, prepare_output, write_manifest
@@ -58,6 +58,8 @@ class PartResult:
     bytes: int
     errors: int
     seconds: float
+    #: Requests each host answered for this task (by its label).
+    requests: dict[str, int] = field(default_factory=dict)
 
 
 def walk_part(spec: PartSpec) -> PartResult:
@@ -73,7 +75,9 @@ def walk_part(spec: PartSpec) -> PartResult:
             rows.add_dir(d.path, d.entries)
     frontier = walker.frontier()
     name = rows.write(spec.output, spec.stem, spec.fmt)
-    return PartResult(name, frontier, rows.dirs, rows.entries, rows.bytes, rows.errors, time.monotonic() - start)
+    requests = {host: s["requests"] for host, s in walker.served().items()}
+    return PartResult(name, frontier, rows.dirs, rows.entries, rows.bytes, rows.errors, time.monotonic() - start,
+                      requests)
 
 
 def _split(paths: list[bytes], parts: int) -> list[list[bytes]]:

@@ -76,6 +76,8 @@ def parse_host(spec: str, default_port: int = DEFAULT_PORT) -> HostAddress:
         if not sep or not addr or (rest and not rest.startswith(":")):
             raise ValueError(f"bad host {spec!r}: expected [ipv6]:port")
         return HostAddress(addr, _port(rest[1:], spec) if rest else default_port, spec)
+    if any(c.isspace() for c in text):
+        raise ValueError(f"bad host {spec!r}: separate hosts with commas (a,b), not spaces")
     if text.count(":") > 1:  # a bare IPv6 address
         return HostAddress(text, default_port, spec)
     name, sep, port = text.partition(":")
@@ -133,6 +135,9 @@ def read_token_file(path: str) -> str:
         raise ValueError(f"the token file {path} is empty")
     if len(data) > MAX_TOKEN_BYTES + 1:
         raise ValueError(f"the token file {path} is larger than {MAX_TOKEN_BYTES} bytes: it must hold one token")
+    if not all(32 <= b < 127 or b in b"\t\n\r" for b in data):
+        raise ValueError(f"the token file {path} is not text (it holds other bytes than printable ASCII): "
+                         "it must hold one token")
     if b"\n" in data.strip() or b"\r" in data.strip():
         raise ValueError(f"the token file {path} holds more than one line: it must hold one token")
     problem = token_problem(text)
@@ -360,13 +365,27 @@ class AgentHTTP:
             raise
 
     def _request(self, method: str, target: str, body: Optional[bytes] = None) -> http.client.HTTPResponse:
+        """Send a request and read its status line and headers. A kept-alive connection the
+        agent closed meanwhile (its keep-alive timeout, a restart) fails before any answer:
+        the request, which changes nothing, is sent once more on a new connection, so that
+        an idle connection is not taken for an agent that stopped answering."""
+        reused = self._conn is not None and self._conn.sock is not None
         self.connect()
         assert self._conn is not None
         headers = self._headers
         if body is not None:
             headers = {**headers, "Content-Type": MSGPACK_TYPE}
-        self._conn.request(method, target, body=body, headers=headers)
-        resp = self._conn.getresponse()
+        try:
+            self._conn.request(method, target, body=body, headers=headers)
+            resp = self._conn.getresponse()
+        except ConnectionError:  # reset, closed without an answer (RemoteDisconnected), broken pipe
+            if not reused:
+                raise
+            self.close()
+            self.connect()
+            assert self._conn is not None
+            self._conn.request(method, target, body=body, headers=headers)
+            resp = self._conn.getresponse()
         if resp.getheader(PROTOCOL_HEADER) is None:
             raise AgentProtocolError(f"{self.address.label} is not a diskover storage agent (HTTP {resp.status})")
         return resp

@@ -19,7 +19,7 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import compress
 from typing import Any, Optional, Union
 
@@ -86,12 +86,21 @@ def _join(path: bytes, name: bytes) -> bytes:
     return path + name if path.endswith(b"/") else path + b"/" + name
 
 
+#: Called with a host's label and the reason when the walk sets it aside for not answering
+#: (broken off, refused, timed out, an invalid answer: not a 503), and with None when it
+#: answers again; from the walk's threads.
+HostWatcher = Callable[[str, Optional[str]], None]
+
+
 class _Hosts:
     """Picks a host for each request: the healthy one with the fewest requests in flight
     (round-robin among equals), setting aside the ones that fail, with backoff."""
 
-    def __init__(self, addresses: list[HostAddress]) -> None:
+    def __init__(self, addresses: list[HostAddress], watcher: Optional[HostWatcher] = None) -> None:
         self.addresses = addresses
+        self.watcher = watcher
+        #: Hosts set aside for not answering, and why, until they answer again.
+        self.down: dict[int, str] = {}
         self._lock = threading.Lock()
         self._turn = 0
         self._backoff = Backoff(len(addresses))
@@ -136,11 +145,16 @@ class _Hosts:
             self.inflight[idx] -= 1
 
     def failed(self, idx: int, retry_after: Optional[float] = None, error: Optional[BaseException] = None) -> None:
+        reason = None
         with self._lock:
             self._backoff.set_aside(idx, time.monotonic(), retry_after)
             if error is not None:
                 self.last_error = f"{self.addresses[idx].label}: {error}"
                 self.last_invalid = isinstance(error, AgentProtocolError)
+                if not isinstance(error, AgentBusyError) and idx not in self.down:
+                    reason = self.down[idx] = str(error) or type(error).__name__
+        if reason is not None and self.watcher is not None:
+            self.watcher(self.addresses[idx].label, reason)
 
     def refused(self, idx: int, level: int) -> None:
         """The agent refused a request's newer fields: ask it with fewer (``level``)."""
@@ -153,6 +167,9 @@ class _Hosts:
             self.requests[idx] += 1
             self.dirs[idx] += dirs
             self.last_ok = time.monotonic()
+            back = self.down.pop(idx, None) is not None
+        if back and self.watcher is not None:
+            self.watcher(self.addresses[idx].label, None)
 
 
 class _Dir(msgspec.Struct, gc=False):
@@ -204,7 +221,9 @@ class _Out:
 
 
 class Walker:
-    """The threads, queue and connections of one walk; iterate :meth:`dirs`."""
+    """The threads, queue and connections of one walk; iterate :meth:`dirs`. ``on_host``
+    (a :data:`HostWatcher`) hears when a host is set aside for not answering, and when it
+    answers again."""
 
     def __init__(
         self,
@@ -225,6 +244,7 @@ class Walker:
         max_entries: Optional[int] = None,
         max_backlog: int = MAX_BACKLOG,
         expand: bool = True,
+        on_host: Optional[HostWatcher] = None,
         **options: Any,
     ) -> None:
         if workers < 1:
@@ -235,7 +255,7 @@ class Walker:
             raise ValueError("expand=False lists one directory per request: mode must be 'listdir'")
         self.top = fsencode_path(top)
         self._bytes = isinstance(top, bytes)
-        self.hosts = _Hosts(parse_hosts(hosts, port))
+        self.hosts = _Hosts(parse_hosts(hosts, port), on_host)
         self.stat = stat
         self.mode = mode
         self.options = ClientOptions(**options)
@@ -356,6 +376,12 @@ class Walker:
         """Requests and directories each host served so far."""
         h = self.hosts
         return {a.label: {"requests": h.requests[i], "dirs": h.dirs[i]} for i, a in enumerate(h.addresses)}
+
+    def hosts_down(self) -> dict[str, str]:
+        """The hosts set aside for not answering that have not answered since, and why."""
+        h = self.hosts
+        with h._lock:
+            return {h.addresses[i].label: reason for i, reason in sorted(h.down.items())}
 
     def stop(self) -> None:
         """Stop every thread and close every socket; returns when they are gone."""
@@ -571,6 +597,8 @@ class Walker:
         except TRANSIENT_ERRORS as exc:
             self._flush(out)
             self._requeue(list(pending))
+            if self._stopping:  # broken off by stop(): the host did nothing wrong
+                return
             retry_after = exc.retry_after if isinstance(exc, AgentBusyError) else None
             self.hosts.failed(idx, retry_after, exc)
             return

@@ -151,19 +151,25 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     return out
 
 
+def make_config(args: argparse.Namespace) -> AgentConfig:
+    """The settings the agent runs with, from its parsed options (:class:`ConfigError` when
+    they cannot be)."""
+    token = read_token_file(args.token_file) if args.token_file else os.environ.get(TOKEN_ENV) or None
+    return AgentConfig(
+        exports=[make_export(remote, local) for remote, local in args.replacepath],
+        listen=args.listen, port=args.port, maxconnections=args.maxconnections, max_queue=args.max_queue,
+        verbose=args.verbose, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+        keepalive_timeout=args.keepalive_timeout, send_timeout=args.send_timeout,
+        body_memory=args.body_memory * 2**20,
+        processes=cpu_count() if args.processes is None else args.processes,
+    )
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        token = read_token_file(args.token_file) if args.token_file else os.environ.get(TOKEN_ENV) or None
-        config = AgentConfig(
-            exports=[make_export(remote, local) for remote, local in args.replacepath],
-            listen=args.listen, port=args.port, maxconnections=args.maxconnections, max_queue=args.max_queue,
-            verbose=args.verbose, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
-            header_timeout=args.header_timeout, body_timeout=args.body_timeout,
-            keepalive_timeout=args.keepalive_timeout, send_timeout=args.send_timeout,
-            body_memory=args.body_memory * 2**20,
-            processes=cpu_count() if args.processes is None else args.processes,
-        )
+        config = make_config(args)
         tls_context(config)  # fail now, with a clear message, on a bad certificate or key
     except ConfigError as exc:
         print(f"diskover-storage-agent: error: {exc}", file=sys.stderr)

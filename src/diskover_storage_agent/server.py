@@ -175,6 +175,22 @@ def busy_response() -> web.Response:
     return error_response(503, "busy", "the agent is at its limit; retry later", headers={"Retry-After": "1"})
 
 
+#: The agent's own endpoints (below ``/_agent/``), by their path there: the ``endpoint``
+#: label of their requests' metrics.
+_CONTROL_ENDPOINTS = {(b"health",): "health", (b"v1", b"walk"): "walk", (b"v1", b"info"): "info",
+                      (b"metrics",): "metrics"}
+
+
+def endpoint_of(parts: tuple[bytes, ...]) -> str:
+    """What a request path asks for (its metrics' ``endpoint`` label): ``listing`` for an
+    exported path, else the agent endpoint below ``/_agent/``, or ``unknown``."""
+    if parts[:1] != (CONTROL_PREFIX,):
+        return "listing"
+    if parts[1:3] == (b"v1", b"statvfs"):
+        return "statvfs"
+    return _CONTROL_ENDPOINTS.get(parts[1:], "unknown")
+
+
 def unauthorized_response(given: bool) -> web.Response:
     challenge = 'Bearer realm="diskover-storage-agent"' + (', error="invalid_token"' if given else "")
     return error_response(401, "unauthorized", "a valid bearer token is required",
@@ -259,8 +275,8 @@ class Agent:
             parts = split_path(path)
         except BadPath as exc:  # about the path: the client raises the OSError ``errno`` names
             return self.authorized(request) or error_response(400, "bad_path", str(exc), num=exc.errno, path=path)
-        if parts == (CONTROL_PREFIX, b"health"):
-            record.endpoint = "health"
+        record.endpoint = endpoint_of(parts)  # before the token check: a 401 counts as what it asked for
+        if record.endpoint == "health":
             return self._health(request)
         denied = self.authorized(request)
         if denied is not None:
@@ -301,25 +317,21 @@ class Agent:
         self, request: web.BaseRequest, parts: tuple[bytes, ...], params: dict[str, list[str]]
     ) -> web.StreamResponse:
         """The agent's own endpoints, under ``/_agent/``: never an exported path."""
-        record: RequestRecord = request["record"]
-        if parts == (b"v1", b"walk"):
-            record.endpoint = "walk"
+        endpoint = request["record"].endpoint
+        if endpoint == "walk":
             if request.method != "POST":
                 return _method_not_allowed(request, "POST")
             return await self._walk(request, params)
-        if parts[:2] == (b"v1", b"statvfs"):
-            record.endpoint = "statvfs"
+        if endpoint == "statvfs":
             if request.method not in ("GET", "HEAD"):
                 return _method_not_allowed(request, "GET, HEAD")
             return await self._statvfs(b"/" + b"/".join(parts[2:]))
-        if parts in ((b"v1", b"info"), (b"metrics",)):
-            record.endpoint = parts[-1].decode()
+        if endpoint in ("info", "metrics"):
             if request.method not in ("GET", "HEAD"):
                 return _method_not_allowed(request, "GET, HEAD")
-            if parts == (b"metrics",):
+            if endpoint == "metrics":
                 return web.Response(body=self.metrics.render(), headers={**_HEADERS, "Content-Type": METRICS_TYPE})
             return web.Response(body=encode_info(self.config), content_type=ERROR_TYPE, headers=_HEADERS)
-        record.endpoint = "unknown"
         return error_response(404, "unknown_endpoint", "no such agent endpoint")
 
     async def _statvfs(self, path: bytes) -> web.Response:

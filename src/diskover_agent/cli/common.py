@@ -4,9 +4,15 @@ argument types, and how sizes, names and paths are printed."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import io
 import math
 import os
+import socket
+import ssl
 import sys
+import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..connection import AgentConnection, parse_hosts
@@ -38,6 +44,48 @@ EXIT_PIPE = 141
 
 class UsageError(Exception):
     """A command line that cannot run (exit status 2)."""
+
+
+#: Seconds, in all, to find out whether hosts no request could reach disagree with us about TLS.
+TLS_PROBE_SECONDS = 5.0
+
+#: What installs the modules of ``walk --dask``, ``--format parquet`` and ``report``.
+DASK_INSTALL = "pip install 'diskover-storage-agent[dask]'"
+
+
+def require_modules(what: str, modules: Sequence[str]) -> None:
+    """A :class:`UsageError` naming the ``pip install`` that fixes it when one of ``modules``
+    (an optional extra's) cannot be imported here; checked before any work starts."""
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a parent that is not a package, or a module set to None
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        are = "is" if len(missing) == 1 else "are"
+        raise UsageError(f"{what} needs {' and '.join(missing)}, which {are} not installed here: {DASK_INSTALL}")
+
+
+def buffer_stdout() -> None:
+    """Give standard output a buffer when it has none (``PYTHONUNBUFFERED``, ``python -u``):
+    a raw stream may write only part of what it is given (a full disk, a file size limit)
+    and say so only in its return value, which would lose the rest silently; a buffered one
+    writes it all or raises. The commands flush their output themselves."""
+    raw = sys.stdout.buffer
+    if isinstance(raw, io.RawIOBase):
+        sys.stdout = io.TextIOWrapper(io.BufferedWriter(raw), encoding=sys.stdout.encoding,
+                                      errors=sys.stdout.errors, line_buffering=sys.stdout.line_buffering)
+
+
+def discard_stdout() -> None:
+    """Point standard output at /dev/null: what could not be written (a closed pipe, a full
+    disk) is dropped, and the interpreter's last flush at exit has nothing to complain about."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 # -- formatting ----------------------------------------------------------------------------
@@ -115,11 +163,15 @@ class Context:
             problem = token_problem(os.environ[TOKEN_ENV])
             if problem:
                 raise UsageError(f"${TOKEN_ENV}: {problem}")
+        tls = args.tls or args.cafile is not None
+        if args.insecure and not tls:
+            raise UsageError("--insecure turns off the certificate checks of --tls: add --tls, or drop --insecure")
         #: Keyword options of ClientOptions, for AgentConnection and Walker.
         self.options: dict[str, Any] = {
-            "timeout": args.timeout, "token": token, "tls": args.tls or args.cafile is not None,
-            "cafile": args.cafile, "verify": not args.insecure,
+            "timeout": args.timeout, "token": token, "tls": tls, "cafile": args.cafile, "verify": not args.insecure,
         }
+        if args.cafile is not None:
+            _check_cafile(args.cafile)
         #: The live progress display while there is one (messages are written around it).
         self.bar: Optional[tqdm] = None
 
@@ -167,6 +219,56 @@ class Context:
                 return None
             return make_stat(listing.stat)
         raise AgentConnectionError("no agent reachable: " + "; ".join(reasons))
+
+    def tls_mismatch(self) -> Optional[str]:
+        """After no agent could be reached: why, when the reason is that this client and an
+        agent disagree about TLS (the advice: add or remove ``--tls``); else None."""
+        tls = bool(self.options["tls"])
+        deadline = time.monotonic() + min(self.options["timeout"], TLS_PROBE_SECONDS)
+        for address in self.addresses:
+            left = deadline - time.monotonic()
+            if left <= 0:  # hosts that hang: the reason stays the one the request gave
+                break
+            if tls and _speaks_plain_http(address, left):
+                return f"{address.label} serves plain HTTP, not HTTPS: remove --tls (and --cafile, --insecure)"
+            if not tls and _speaks_tls(address, left):
+                return f"{address.label} serves HTTPS: add --tls (with --cafile FILE for a private CA)"
+        return None
+
+
+def _check_cafile(path: str) -> None:
+    """A :class:`UsageError` unless ``path`` holds at least one certificate (PEM)."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except ssl.SSLError:
+        raise UsageError(f"--cafile {path}: no certificate in it (a PEM file of CA certificates is expected)") \
+            from None
+    except OSError as exc:
+        raise UsageError(f"--cafile {path}: {exc.strerror or exc}") from None
+
+
+def _speaks_plain_http(address: HostAddress, timeout: float) -> bool:
+    """Whether the agent at ``address`` answers a plain HTTP request."""
+    try:
+        with socket.create_connection((address.host, address.port), timeout=timeout) as sock:
+            sock.sendall(b"GET /_agent/health HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+            return sock.recv(5) == b"HTTP/"
+    except OSError:
+        return False
+
+
+def _speaks_tls(address: HostAddress, timeout: float) -> bool:
+    """Whether the agent at ``address`` completes a TLS handshake (its certificate unchecked:
+    this only tells which protocol it speaks)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((address.host, address.port), timeout=timeout) as sock, \
+                ctx.wrap_socket(sock, server_hostname=address.host):
+            return True
+    except OSError:
+        return False
 
 
 def remote_path(text: str) -> bytes:

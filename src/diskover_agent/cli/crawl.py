@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Optional
+from typing import Optional, Protocol
 
 from ..protocol import KIND_FILE, Entry
 from ..walk import Walker
@@ -30,7 +30,8 @@ class Crawl:
         self.walker = Walker(
             top, ctx.hosts, port=ctx.port, workers=ctx.workers, stat=True, retry_for=ctx.retry_for,
             exclude_dirs=[os.fsencode(p) for p in exclude_dirs],
-            exclude_files=[os.fsencode(p) for p in exclude_files], one_fs=one_fs, **ctx.options,
+            exclude_files=[os.fsencode(p) for p in exclude_files], one_fs=one_fs, on_host=self._host_changed,
+            **ctx.options,
         )
         self.dirs = 0
         self.entries = 0
@@ -60,6 +61,13 @@ class Crawl:
             listed.close()  # stops every thread and closes every socket
             self.ended = time.monotonic()
 
+    def _host_changed(self, host: str, reason: Optional[str]) -> None:
+        """A host set aside for not answering (named with the reason, at once), or back."""
+        if reason is not None:
+            self.ctx.warn(f"{host} is set aside, not answering: {reason}")
+        else:
+            self.ctx.warn(f"{host} answers again")
+
     def depth(self, path: bytes) -> int:
         """How far below the top a directory is: 0 for the top, 1 for its subdirectories."""
         rest = path[len(self.top):].strip(b"/")
@@ -67,6 +75,10 @@ class Crawl:
 
     def prune(self, path: bytes) -> None:
         self.walker.prune(path)
+
+    def served(self) -> dict[str, dict[str, int]]:
+        """Requests and directories each host served so far."""
+        return self.walker.served()
 
     @property
     def seconds(self) -> float:
@@ -78,9 +90,11 @@ class Crawl:
         rate = self.entries / secs if secs > 0 else 0.0
         served = self.walker.served()
         used = sum(1 for s in served.values() if s["requests"])
+        down = self.walker.hosts_down()
+        aside = f", set aside (not answering): {', '.join(down)}" if down else ""
         return (f"{_count_of(self.dirs, 'directory', 'directories')}, {_count_of(self.entries, 'entry', 'entries')}, "
                 f"{size_text(self.bytes)} in files, {_count_of(self.errors, 'error', 'errors')}, {secs:.2f} s "
-                f"({rate:,.0f} entries/s, {used}/{len(served)} hosts)")
+                f"({rate:,.0f} entries/s, {used}/{len(served)} hosts{aside})")
 
 
 def _count_of(n: int, one: str, many: str) -> str:
@@ -90,17 +104,32 @@ def _count_of(n: int, one: str, many: str) -> str:
 _BY_NAME = operator.attrgetter("name")
 
 
+class Counts(Protocol):
+    """What a walk counted so far, as the progress display reads it (a :class:`Crawl`, or
+    the tasks' results of ``walk --dask``)."""
+
+    dirs: int
+    entries: int
+    bytes: int
+    errors: int
+
+    def served(self) -> dict[str, dict[str, int]]:
+        """``{host: {"requests": N, ...}}`` for every host of the walk."""
+        ...
+
+
 class Progress:
-    """The live display on stderr (tqdm), refreshed by its own thread a few times a second."""
+    """The live display on stderr (tqdm), refreshed by its own thread a few times a second;
+    it erases itself when it closes."""
 
     INTERVAL = 0.25
     ACTIVE_FOR = 2.0  # a host is "in use" when it answered within this many seconds
 
-    def __init__(self, ctx: Context, crawl: Crawl) -> None:
+    def __init__(self, ctx: Context, counts: Counts) -> None:
         from tqdm import tqdm
 
         self.ctx = ctx
-        self.crawl = crawl
+        self.counts = counts
         self.bar = tqdm(total=None, unit=" dirs", unit_scale=True, file=sys.stderr, leave=False, mininterval=0,
                         miniters=1, bar_format="{n:,}{unit} ({rate_fmt}){postfix} [{elapsed}]")
         self._stop = threading.Event()
@@ -118,7 +147,7 @@ class Progress:
 
     def _hosts_in_use(self, now: float) -> tuple[int, int]:
         """Hosts that answered a request within the last ``ACTIVE_FOR`` seconds, and all hosts."""
-        served = self.crawl.walker.served()
+        served = self.counts.served()
         used = 0
         for host, s in served.items():
             seen, when = self._requests.get(host, (0, -math.inf))
@@ -130,7 +159,7 @@ class Progress:
         return used, len(served)
 
     def tick(self) -> None:
-        c = self.crawl
+        c = self.counts
         now = time.monotonic()
         entries = c.entries
         dt = now - self._last_time

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, Optional
 
-from ..errors import AgentError
+from ..errors import AgentConnectionError, AgentError
 from ..scanner.config import DEFAULT_CONFIG, ENV, ScannerConfigError, configured
 from ..transport import DEFAULT_PORT, TOKEN_ENV
 from ..walk import DEFAULT_RETRY_FOR
@@ -27,6 +27,8 @@ from .common import (
     _count,
     _positive,
     _seconds_arg,
+    buffer_stdout,
+    discard_stdout,
 )
 
 
@@ -303,6 +305,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "format", "") is None:
         args.format = "parquet" if args.dask is not None else "ndjson"
+    ctx: Optional[Context] = None
+    buffer_stdout()
     try:
         run = command(args.command)
         if args.command == "report":  # a dataset on this host: no agents, no settings
@@ -314,11 +318,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except AgentError as exc:  # no agent reachable, a refusal (401...), an agent that is not one
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        mismatch = ctx.tls_mismatch() if ctx is not None and isinstance(exc, AgentConnectionError) else None
+        print(f"{PROG}: {mismatch or exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush does not complain again
+        discard_stdout()  # so that the exit's flush does not complain again
         return EXIT_PIPE
+    except OSError as exc:  # what the commands write (their file-system errors are theirs to report)
+        print(f"{PROG}: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+        discard_stdout()
+        return EXIT_FAILED

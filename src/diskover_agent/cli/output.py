@@ -108,16 +108,19 @@ def records(parent: bytes, entries: Sequence[Entry]) -> list[Record]:
 
 
 class RecordWriter:
-    """Walk records to a binary stream, as NDJSON or CSV."""
+    """Walk records to a binary stream, as NDJSON or CSV. It holds nothing back: what it
+    was given is in the stream (the stream's own buffer aside), so a stream that fails
+    leaves nothing here to flush again."""
 
     def __init__(self, out: IO[bytes], fmt: str) -> None:
         self.out = out
         self.fmt = fmt
-        self._text: Optional[io.TextIOWrapper] = None
+        self._csv_text: Optional[io.StringIO] = None
         if fmt == "csv":
-            self._text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
-            self._csv = csv.writer(self._text, lineterminator="\n")
+            self._csv_text = io.StringIO(newline="")
+            self._csv = csv.writer(self._csv_text, lineterminator="\n")
             self._csv.writerow(FIELDS)
+            self._write_csv()
         else:
             self._encode_lines = msgspec.json.Encoder().encode_lines
 
@@ -131,18 +134,19 @@ class RecordWriter:
     def write(self, rows: list[Record]) -> None:
         if not rows:
             return
-        if self._text is not None:
+        if self._csv_text is not None:
             self._csv.writerows(map(msgspec.structs.astuple, rows))
+            self._write_csv()
         else:
             self.out.write(self._encode_lines(rows))
 
-    def flush(self) -> None:
-        if self._text is not None:
-            self._text.flush()
-        self.out.flush()
+    def _write_csv(self) -> None:
+        """The CSV rows written so far, as UTF-8, to the stream."""
+        assert self._csv_text is not None
+        text = self._csv_text.getvalue()
+        self._csv_text.seek(0)
+        self._csv_text.truncate()
+        self.out.write(text.encode("utf-8"))
 
-    def detach(self) -> None:
-        """Let go of the stream without closing it."""
-        if self._text is not None:
-            self._text.detach()
-            self._text = None
+    def flush(self) -> None:
+        self.out.flush()

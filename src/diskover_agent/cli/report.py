@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from .common import UsageError
+from .common import UsageError, require_modules
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``report DIR``: what a walk's dataset says, through DuckDB."""
+    require_modules("report", ["duckdb"])
     from .. import report
 
     names = [args.query] if args.query else list(report.QUERIES)
@@ -19,6 +21,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             print("\t".join(columns))
             for row in rows:
                 print("\t".join("" if v is None else str(v) for v in row))
+        sys.stdout.flush()  # a write error surfaces here, as the command's, not at exit
     except (FileNotFoundError, ImportError) as exc:
         raise UsageError(str(exc)) from None
     return 0

@@ -4,15 +4,25 @@ process or (``--dask``) as Dask tasks."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from typing import IO, Any, Optional, Union
 
 from ..dataset import DatasetWriter, prepare_output
+from ..errors import AgentError
 from ..protocol import KIND_DIR
-from .common import EXIT_PARTIAL, PROG, Context, UsageError, _join, _positive, remote_path, size_text
-from .crawl import Crawl, _show_progress, finish, run_crawl
+from .common import (
+    EXIT_PARTIAL,
+    PROG,
+    Context,
+    UsageError,
+    _join,
+    _positive,
+    remote_path,
+    require_modules,
+    size_text,
+)
+from .crawl import Crawl, Progress, _show_progress, finish, run_crawl
 from .output import RecordWriter
 
 
@@ -25,8 +35,7 @@ def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
     if args.format == "parquet":
         if to_stdout:
             raise UsageError("--format parquet writes a dataset: give -o DIR")
-        if importlib.util.find_spec("pyarrow") is None:  # imported when the first partition is written
-            raise UsageError("--format parquet needs pyarrow (pip install 'diskover-storage-agent[dask]')")
+        require_modules("--format parquet", ["pyarrow"])  # imported when the first partition is written
     ctx.check_reachable(top)
     out: Optional[IO[bytes]] = None
     sink: Union[RecordWriter, DatasetWriter]
@@ -59,12 +68,43 @@ def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
             sink.close(crawl.seconds)
         else:
             sink.flush()
+            if out is not None and not to_stdout:
+                out.close()  # its last write: a full disk says so here
         return finish(ctx, crawl)
+    except (AgentError, BrokenPipeError):
+        raise
+    except OSError as exc:  # the output could not be written (the walk's own errors are AgentErrors)
+        if to_stdout:
+            raise  # the console script reports it, and drops what standard output still holds
+        raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
     finally:
-        if isinstance(sink, RecordWriter):
-            sink.detach()
-        if out is not None and not to_stdout:
-            out.close()
+        if out is not None and not to_stdout and not out.closed:
+            try:
+                out.close()
+            except OSError:
+                pass  # the error that stopped the walk is the one reported
+
+
+class TaskCounts:
+    """What the tasks of ``walk --dask`` counted so far, summed as their results arrive, for
+    the same progress display as a walk by this process (:class:`~.crawl.Progress`)."""
+
+    def __init__(self, hosts: list[str]) -> None:
+        self.dirs = self.entries = self.bytes = self.errors = 0
+        self._requests = dict.fromkeys(hosts, 0)
+
+    def add(self, result: Any) -> None:
+        """Count one task's :class:`~diskover_agent.distributed.PartResult`."""
+        self.dirs += result.dirs
+        self.entries += result.entries
+        self.bytes += result.bytes
+        self.errors += result.errors
+        for host, n in result.requests.items():
+            if host in self._requests:  # (the display's thread reads this dict: its keys stay as they are)
+                self._requests[host] += n
+
+    def served(self) -> dict[str, dict[str, int]]:
+        return {host: {"requests": n} for host, n in self._requests.items()}
 
 
 def _prepare_dataset(output: str) -> None:
@@ -79,10 +119,8 @@ def _prepare_dataset(output: str) -> None:
 
 def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
     """``walk --dask``: the walk as Dask tasks, written as a dataset of partitions in ``-o DIR``."""
-    try:
-        from ..distributed import dask_walk, local_cluster
-    except ImportError as exc:  # pragma: no cover - the [dask] extra is missing
-        raise UsageError(f"--dask needs the dask extra (pip install 'diskover-storage-agent[dask]'): {exc}") from None
+    require_modules("--dask", ["distributed", "pyarrow"] if args.format == "parquet" else ["distributed"])
+    from ..distributed import dask_walk, local_cluster
     if args.output in (None, "-"):
         raise UsageError("--dask writes a dataset: give -o DIR")
     if args.format == "csv":
@@ -101,20 +139,13 @@ def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
             client = Client(args.dask)
     except (ValueError, OSError, argparse.ArgumentTypeError) as exc:
         raise UsageError(f"cannot reach the Dask scheduler {args.dask}: {exc}") from None
-    bar = None
-    if _show_progress(ctx):
-        from tqdm import tqdm
-
-        bar = ctx.bar = tqdm(total=None, file=sys.stderr, unit=" entries", unit_scale=True, dynamic_ncols=True)
+    counts = TaskCounts(ctx.hosts)
+    display = Progress(ctx, counts) if _show_progress(ctx) else None
 
     def progress(summary: Any, result: Any) -> None:
         if result.errors:
             ctx.warn(f"{result.errors} directories could not be listed (error rows in {result.file})")
-        if bar is not None:
-            bar.update(result.entries)
-            bar.set_postfix_str(f"{summary.dirs:,} dirs, {size_text(summary.bytes)} in files, "
-                                f"{len(summary.files)}/{summary.tasks} tasks, {summary.errors} errors",
-                                refresh=False)
+        counts.add(result)
 
     try:
         summary = dask_walk(
@@ -125,9 +156,8 @@ def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
     except FileExistsError as exc:
         raise UsageError(str(exc)) from None
     finally:
-        if bar is not None:
-            bar.close()
-            ctx.bar = None
+        if display is not None:
+            display.close()
         client.close()
         if args.dask.startswith("local:"):
             client.cluster.close()
