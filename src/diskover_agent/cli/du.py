@@ -114,20 +114,17 @@ def cmd_du(args: argparse.Namespace, ctx: Context) -> int:
     grand = [0, 0, 0, 0]
     status = EXIT_OK
     for top in tops:
-        totals = _du_one(ctx, args, top)
-        if isinstance(totals, int):
-            status = max(status, totals)
-            continue
-        totals, crawl_status = totals
-        status = max(status, crawl_status)
-        lines = []
-        for path, t in totals.rows(max_depth):
-            counts = f"{t[FILES]}\t{t[DIRS]}\t" if args.counts else ""
-            lines.append(f"{size(t[which])}\t{counts}".encode() + show(path) + b"\n")
-        out.write(b"".join(lines))
-        out.flush()
-        for i, n in enumerate(totals.dirs[top]):
-            grand[i] += n
+        totals, crawl = _du_one(ctx, args, top)
+        if totals is not None:
+            lines = []
+            for path, t in totals.rows(max_depth):
+                counts = f"{t[FILES]}\t{t[DIRS]}\t" if args.counts else ""
+                lines.append(f"{size(t[which])}\t{counts}".encode() + show(path) + b"\n")
+            out.write(b"".join(lines))
+            out.flush()
+            for i, n in enumerate(totals.dirs[top]):
+                grand[i] += n
+        status = max(status, finish(ctx, crawl), 1 if totals is None else EXIT_OK)  # the summary after the lines
     if args.total:
         counts = f"{grand[FILES]}\t{grand[DIRS]}\t" if args.counts else ""
         out.write(f"{size(grand[which])}\t{counts}total\n".encode())
@@ -135,9 +132,9 @@ def cmd_du(args: argparse.Namespace, ctx: Context) -> int:
     return status
 
 
-def _du_one(ctx: Context, args: argparse.Namespace, top: bytes) -> tuple[Totals, int] | int:
-    """Walk one PATH: its totals and the walk's exit status, or only the exit status when
-    PATH itself could not be listed (its error is on stderr, and it has no line)."""
+def _du_one(ctx: Context, args: argparse.Namespace, top: bytes) -> tuple[Optional[Totals], Crawl]:
+    """Walk one PATH: its totals (None when PATH itself could not be listed: its error is on
+    stderr, and it has no line) and the crawl, whose summary comes after the lines."""
     top_stat = ctx.directory_stat(top)  # also fails early, with reasons, when no agent answers
     totals = Totals(top, top_stat, files=args.all)
     failed: list[bytes] = []
@@ -154,8 +151,7 @@ def _du_one(ctx: Context, args: argparse.Namespace, top: bytes) -> tuple[Totals,
             totals.add(path, entries)
 
     run_crawl(ctx, crawl, body)
-    status = finish(ctx, crawl)
     if failed or top_stat is None:
-        return max(status, 1)
+        return None, crawl
     totals.finish()
-    return totals, status
+    return totals, crawl

@@ -99,16 +99,16 @@ def configured(environ: Optional[Mapping[str, str]] = None) -> tuple[dict[str, A
             values[key] = _from_env(key, name, raw)
     port = values.get("port", DEFAULT_PORT)
     if not 0 < port < 65536:
-        raise ScannerConfigError(f"diskover agent scanner: port {port} is out of range")
+        raise ScannerConfigError(f"port {port} is out of range")
     if values.get("hosts"):
         try:
             parse_hosts(values["hosts"], port)
         except ValueError as exc:
-            raise ScannerConfigError(f"diskover agent scanner: {exc}") from None
+            raise ScannerConfigError(str(exc)) from None
     if values.get("workers", DEFAULT_WORKERS) < 1:
-        raise ScannerConfigError("diskover agent scanner: workers must be at least 1")
+        raise ScannerConfigError("workers must be at least 1")
     if not values.get("retry-for", DEFAULT_RETRY_FOR) > 0:
-        raise ScannerConfigError("diskover agent scanner: retry-for must be more than 0 seconds")
+        raise ScannerConfigError("retry-for must be more than 0 seconds")
     return values, path
 
 
@@ -118,7 +118,10 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
     An empty environment variable counts as unset.
     """
     env = os.environ if environ is None else environ
-    values, path = configured(env)
+    try:
+        values, path = configured(env)
+    except ScannerConfigError as exc:  # the shared checks speak for whoever reads the settings
+        raise ScannerConfigError(f"diskover agent scanner: {exc}") from None
     config_file = values.pop(_FILE, None)
     hosts = values.get("hosts") or []
     if not hosts:
@@ -146,10 +149,10 @@ def _read_config_file(path: str) -> dict[str, Any]:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ScannerConfigError(f"diskover agent scanner config {path}: {exc}") from None
+        raise ScannerConfigError(f"config {path}: {exc}") from None
     out: dict[str, Any] = {}
     for key, value in data.items():
-        where = f"diskover agent scanner config {path}: {key}"
+        where = f"config {path}: {key}"
         if key not in ENV:
             raise ScannerConfigError(f"{where}: unknown setting (known: {', '.join(ENV)})")
         if key in _LISTS:
