@@ -626,6 +626,7 @@ async def serve(
         else:
             log.info("%s (pid %d, -c %d): read loop: %s", worker, os.getpid(), config.maxconnections, READ_LOOP)
             log.info("%s (pid %d, -c %d): event loop: %s", worker, os.getpid(), config.maxconnections, where)
+            log.info("%s (pid %d, -c %d): codec: %s", worker, os.getpid(), config.maxconnections, CODEC)
         orphaned = None if parent is None else asyncio.ensure_future(_orphaned(parent, stop))
         if ready is not None:
             ready(urls)
