@@ -451,7 +451,7 @@ MUTATIONS: list[Mutation] = [
     # -- wire: the shared protocol package, its codecs, the .pyz and the lean installs -----------
     Mutation(
         "wire-pyz-compiled", "build-pyz packs a compiled module without failing",
-        "../contrib/build-pyz", "        if compiled:\n", "        if compiled and False:\n",
+        "../contrib/build-pyz", "    if compiled:\n", "    if compiled and False:\n",
         ("tests/test_pyz.py::test_build_fails_on_a_compiled_module",)),
     Mutation(
         "wire-fallback-bytes", "msgpack's codec encodes floats as float32 (other bytes than msgspec's)",
