@@ -305,3 +305,41 @@ def test_any_walk_request_is_judged_as_before(fields, with_paths):
         assert _same(_new(body, False, c), _old(body, False)), (name, fields)
         if json_body is not None:
             assert _same(_new(json_body, True, c), _old(json_body, True)), (name, json_body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_decoders_raise_only_decode_error(data):
+    """Any bytes: a value or :class:`codec.DecodeError`, never another exception (a 500)."""
+    for c in CODECS.values():
+        for decode in (c[2], c[4]):
+            try:
+                decode(data)
+            except codec.DecodeError:
+                pass
+
+
+def test_pure_codec_agent_refuses_absurd_walk_requests_with_400(tmp_path, monkeypatch):
+    """The agent on the pure-Python codec answers each hostile walk body of test_hostile with a
+    4xx JSON error (never a 500 or a traceback), and a good one with the walk."""
+    from test_hostile import WALK_BODIES
+
+    from conftest import Agent, http_get
+
+    (tmp_path / "t" / "d").mkdir(parents=True)
+    monkeypatch.setenv(codec.PURE_ENV, "1")
+    agent = Agent([("/mnt/isilon", str(tmp_path / "t"))])
+    try:
+        assert "codec: msgpack (pure Python)" in "".join(agent.log)
+        for case, (content_type, body) in WALK_BODIES.items():
+            status, _, answer = http_get(agent.port, "/_agent/v1/walk", method="POST", body=body,
+                                         headers={"Content-Type": content_type})
+            assert 400 <= status < 500, (case, status, answer[:300])
+            assert json.loads(answer)["message"], case
+        status, _, answer = http_get(agent.port, "/_agent/v1/walk?format=ndjson", method="POST",
+                                     body=b'{"paths": ["/mnt/isilon"], "stat": true}',
+                                     headers={"Content-Type": "application/json"})
+        assert status == 200 and json.loads(answer.splitlines()[0])[:2] == ["dir", "/mnt/isilon"]
+        assert "Traceback" not in "".join(agent.log)
+    finally:
+        assert agent.terminate() == 0
