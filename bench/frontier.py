@@ -17,6 +17,7 @@ Frame tags are read from the first bytes of a body: every frame is a msgpack arr
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import selectors
 import socket
@@ -72,7 +73,7 @@ class FrontierWalk:
         self.requests = 0
         self.local_ports: list[int] = []
         #: Names walks ask for ``names`` frames where the protocol has them (the agent's cheapest answer).
-        self.names_frames = not stat and "names_frames" in WalkRequest.__struct_fields__
+        self.names_frames = not stat and "names_frames" in {f.name for f in dataclasses.fields(WalkRequest)}
         self._names = {"names_frames": True} if self.names_frames else {}
 
     # -- the loop ----------------------------------------------------------------------------

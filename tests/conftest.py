@@ -34,11 +34,13 @@ REMOTE = "/mnt/isilon"
 class Agent:
     """A running ``diskover-storage-agent`` process: one process serving (``--processes 1``,
     as the agent was before it had worker processes) unless the test asks for more
-    (``processes``; None: the agent's default, one per CPU)."""
+    (``processes``; None: the agent's default, one per CPU). ``command``: how to run it
+    (default: this Python, ``-m diskover_storage_agent``), e.g. a bare Python and the ``.pyz``."""
 
     def __init__(self, exports: list[tuple[str, str]], *, listen: str = "127.0.0.1", nocaps: bool = False,
-                 extra: tuple[str, ...] = (), timeout: float = 20.0, processes: int | None = 1) -> None:
-        cmd = [sys.executable, "-m", "diskover_storage_agent", "-l", listen, "-p", "0"]
+                 extra: tuple[str, ...] = (), timeout: float = 20.0, processes: int | None = 1,
+                 command: list[str] | None = None) -> None:
+        cmd = [*(command or [sys.executable, "-m", "diskover_storage_agent"]), "-l", listen, "-p", "0"]
         if processes is not None:
             cmd += ["--processes", str(processes)]
         for remote, local in exports:
@@ -137,10 +139,14 @@ def read_loop(request, monkeypatch) -> str:
 
 
 def assert_read_loop(agent: Agent, read_loop: str) -> None:
-    """The agent says at start which read loop it uses: the one the test asked for."""
+    """The agent says at start which read loop and codec it uses: those the test asked for
+    (the pure read loop comes with the pure-Python codec, the compiled one with msgspec)."""
     said = [line for line in agent.log if " read loop: " in line]
     assert len(said) == 1, agent.log
     assert said[0].rstrip().endswith("read loop: " + {"compiled": "compiled", "pure": "pure Python"}[read_loop])
+    codec = [line for line in agent.log if " codec: " in line]
+    assert len(codec) == 1, agent.log
+    assert codec[0].rstrip().endswith("codec: " + {"compiled": "msgspec", "pure": "msgpack (pure Python)"}[read_loop])
 
 
 def wait_for(predicate, timeout: float = 15.0, what: str = "condition"):

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 class Mutation:
     id: str
     what: str
-    file: str  # relative to src/
+    file: str  # relative to src/ (``../contrib/...`` for the scripts beside it)
     old: str  # exact text, must occur exactly once in the file
     new: str
     tests: tuple[str, ...]  # pytest node ids, relative to the repository
@@ -515,7 +515,7 @@ MUTATIONS: list[Mutation] = [
         (f"{CLI_ERRORS}::test_hosts_are_separated_by_commas_not_spaces",)),
     Mutation(
         "clib-token-binary", "a binary token file is reported as a token of the wrong characters",
-        "diskover_agent/transport.py", "    if not all(32 <= b < 127 or b in b\"\\t\\n\\r\" for b in data):",
+        "diskover_wire/tokens.py", "    if not all(32 <= b < 127 or b in b\"\\t\\n\\r\" for b in data):",
         "    if False:", (f"{CLI_ERRORS}::test_token_file_that_is_not_one_token[binary]",)),
     Mutation(
         "clib-output-traceback", "output that cannot be written ends in a traceback",
@@ -589,6 +589,31 @@ MUTATIONS: list[Mutation] = [
         "clib-example-default", "the agent's keep-alive timeout default moves away from the example's",
         "diskover_storage_agent/config.py", "DEFAULT_KEEPALIVE_TIMEOUT = 75.0", "DEFAULT_KEEPALIVE_TIMEOUT = 90.0",
         ("tests/test_fresh_machine.py::test_example_config_comments_show_the_applied_defaults",)),
+    # -- wire: the shared protocol package, its codecs, the .pyz and the lean installs -----------
+    Mutation(
+        "wire-pyz-compiled", "build-pyz packs a compiled module without failing",
+        "../contrib/build-pyz", "    if compiled:\n", "    if compiled and False:\n",
+        ("tests/test_pyz.py::test_build_fails_on_a_compiled_module",)),
+    Mutation(
+        "wire-fallback-bytes", "msgpack's codec encodes floats as float32 (other bytes than msgspec's)",
+        "diskover_wire/codec.py", "        return packer().pack(obj)\n",
+        "        return packer(use_single_float=True).pack(obj)\n",
+        ("tests/test_wire_codec.py::test_msgpack_bytes_are_the_same_with_every_codec",)),
+    Mutation(
+        "wire-agent-imports-client", "the agent takes its token check from the client again",
+        "diskover_storage_agent/config.py", "from diskover_wire.tokens import token_problem\n",
+        "from diskover_agent.transport import token_problem\n",
+        ("tests/test_pyz.py::test_agent_imports_without_the_client_msgspec_and_tqdm",
+         "tests/test_pyz.py::test_pyz_modules_import_on_a_bare_python")),
+    Mutation(
+        "wire-request-bool-loose", "the walk request takes any int where a bool is asked for",
+        "diskover_wire/protocol.py", "            if type(value) is not bool:\n",
+        "            if not isinstance(value, int):\n",
+        ("tests/test_wire_codec.py::test_walk_request_bodies_decode_as_before",)),
+    Mutation(
+        "wire-pure-env-ignored", "DISKOVER_AGENT_PURE no longer chooses the pure-Python codec",
+        "diskover_wire/codec.py", "= load(pure_wanted())", "= load(False)",
+        ("tests/test_walk.py::test_awkward_tree_through_one_agent[subtree-pure]",)),
 ]
 
 
@@ -623,9 +648,13 @@ def _build_c(src: Path) -> None:
 
 
 def _copy_src(tmp: str) -> Path:
-    """A scratch copy of ``src/`` (with the repository's build of the compiled read loop)."""
+    """A scratch copy of ``src/`` (with the repository's build of the compiled read loop), and of
+    ``contrib/`` and ``packages/`` beside it (a row's file may be ``../contrib/build-pyz``: tests
+    find these beside the ``src/`` they import from)."""
     src = Path(tmp) / "src"
     shutil.copytree(REPO / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("contrib", "packages"):
+        shutil.copytree(REPO / name, Path(tmp) / name, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     _check_import_path(src)
     return src
 
@@ -633,7 +662,7 @@ def _copy_src(tmp: str) -> Path:
 def _check_import_path(src: Path) -> None:
     """The scratch copy must shadow the installed package, or no row means anything."""
     env = dict(os.environ, PYTHONPATH=str(src))
-    for pkg in ("diskover_agent", "diskover_storage_agent"):
+    for pkg in ("diskover_agent", "diskover_storage_agent", "diskover_wire"):
         out = subprocess.run([sys.executable, "-c", f"import {pkg}; print({pkg}.__file__)"],
                              env=env, capture_output=True, text=True, check=True).stdout.strip()
         if not out.startswith(str(src)):

@@ -5,6 +5,7 @@ compiled one is built where CI runs."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import errno
 import http.client
 import io
@@ -104,7 +105,7 @@ def walk_answers(agent, req: WalkRequest, fmt: str) -> list[bytes]:
     todo = list(req.paths)
     while todo:
         paths, todo = todo[:8], todo[8:]
-        body = post_walk(agent, msgspec.structs.replace(req, paths=paths), fmt)
+        body = post_walk(agent, dataclasses.replace(req, paths=paths), fmt)
         bodies.append(body)
         if fmt == "msgpack":
             for f in read_frames(io.BytesIO(body).read):

@@ -6,6 +6,8 @@
 ...     ...
 """
 
+from diskover_wire import __version__
+
 from .connection import AgentConnection
 from .entry import AgentDirEntry
 from .errors import AgentBusyError, AgentConnectionError, AgentError, AgentHTTPError, AgentProtocolError
@@ -24,17 +26,3 @@ __all__ = [
     "parallel_walk_entries",
 ]
 
-
-
-def __getattr__(name: str) -> str:
-    """``__version__``, looked up on first use (importlib.metadata costs start-up time)."""
-    if name != "__version__":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        found = version("diskover-storage-agent")
-    except PackageNotFoundError:  # running from a source tree
-        found = "0.0.0"
-    globals()["__version__"] = found
-    return found

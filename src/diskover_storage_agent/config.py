@@ -8,7 +8,8 @@ import ssl
 from dataclasses import dataclass
 from typing import Optional
 
-from diskover_agent import transport
+from diskover_wire.tokens import read_token_file as _read_token_file
+from diskover_wire.tokens import token_problem
 
 from .exports import CONTROL_PREFIX, BadPath, Export, split_path
 from .limits import MAX_BODY, Timeouts
@@ -73,7 +74,7 @@ class AgentConfig:
         if self.max_queue < 0:
             raise ConfigError("the queue length cannot be negative")
         if self.token is not None:
-            problem = transport.token_problem(self.token)
+            problem = token_problem(self.token)
             if problem:
                 raise ConfigError(problem)
         for name in ("header_timeout", "body_timeout", "keepalive_timeout", "send_timeout"):
@@ -141,7 +142,7 @@ def make_export(remote: str, local: str) -> Export:
 def read_token_file(path: str) -> str:
     """The token in ``path`` (surrounding whitespace stripped), read as the client reads it."""
     try:
-        return transport.read_token_file(path)
+        return _read_token_file(path)
     except ValueError as exc:
         raise ConfigError(f"--token-file: {exc}") from None
 

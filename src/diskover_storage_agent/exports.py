@@ -16,7 +16,7 @@ import stat
 from dataclasses import dataclass
 from typing import Optional
 
-from diskover_agent.protocol import MAX_PATH
+from diskover_wire.protocol import MAX_PATH
 
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_SYMLINKS = 40  # as Linux's MAXSYMLINKS

@@ -17,7 +17,7 @@ import re
 from collections.abc import Sequence
 from typing import Optional
 
-from diskover_agent.protocol import KIND_DIR, KIND_SYMLINK
+from diskover_wire.protocol import KIND_DIR, KIND_SYMLINK
 
 MAX_PATTERNS = 256
 MAX_PATTERN_LEN = 1024

@@ -15,9 +15,8 @@ from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import IO, Any, Optional, Protocol
 
-import msgspec
-
-from diskover_agent.protocol import (
+from diskover_wire.codec import msgpack_decode
+from diskover_wire.protocol import (
     KIND_DIR,
     KIND_FILE,
     KIND_SYMLINK,
@@ -289,9 +288,8 @@ def _spill(run: list[tuple[bytes, bool]]) -> IO[bytes]:
 
 
 def _unspill(f: IO[bytes]) -> Iterator[tuple[bytes, bool]]:
-    decode = msgspec.msgpack.Decoder(list[tuple[bytes, bool]]).decode
     for body in read_frames_raw(f.read):
-        yield from decode(body)
+        yield from map(tuple, msgpack_decode(body))
 
 
 def accepts_gzip(accept_encoding: str) -> bool:

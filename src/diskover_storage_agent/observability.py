@@ -15,10 +15,11 @@ import time
 from collections.abc import Iterable
 from typing import Any, Optional
 
-import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from diskover_wire.codec import json_encode
 
 from .config import METRICS_DIR_ENV
 
@@ -143,7 +144,7 @@ class JSONFormatter(logging.Formatter):
             out["message"] = record.getMessage()
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return msgspec.json.encode(out).decode()
+        return json_encode(out).decode()
 
 
 def setup_logging(verbose: int, fmt: str) -> None:

@@ -15,7 +15,8 @@ from contextlib import AbstractContextManager
 from types import ModuleType
 from typing import Any, Optional
 
-from diskover_agent.protocol import (
+from diskover_wire import codec
+from diskover_wire.protocol import (
     KIND_DIR,
     KIND_FILE,
     KIND_SYMLINK,
@@ -28,14 +29,15 @@ from diskover_agent.protocol import (
 
 from .listing import CHUNK, read_entries, read_names, target_stat
 
-#: Set (to anything but ``0``) to use the pure-Python read loop even where the compiled one is built.
-PURE_ENV = "DISKOVER_AGENT_PURE"
+#: Set (to anything but ``0``) to use the pure-Python read loop even where the compiled one is built
+#: (and the pure-Python codec: see :mod:`diskover_wire.codec`).
+PURE_ENV = codec.PURE_ENV
 
 Inside = Callable[[bytes], Optional[os.stat_result]]
 
 
 def _load_compiled() -> Optional[ModuleType]:
-    if os.environ.get(PURE_ENV, "") not in ("", "0"):
+    if codec.pure_wanted():
         return None
     try:
         from . import _readdir

@@ -20,12 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, TypeVar
 from urllib.parse import parse_qsl
 
-import msgspec
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from diskover_agent.protocol import (
+from diskover_wire.codec import CODEC, json_encode
+from diskover_wire.protocol import (
     ERROR_TYPE,
     FORMATS,
     MSGPACK_TYPE,
@@ -345,7 +345,7 @@ class Agent:
             st = await self.run(_statvfs, self.exports, found[0], found[1], path)
         except OSError as exc:
             return os_error_response(exc, path)
-        return web.Response(body=msgspec.json.encode(st), content_type=ERROR_TYPE, headers=_HEADERS)
+        return web.Response(body=json_encode(st), content_type=ERROR_TYPE, headers=_HEADERS)
 
     def _health(self, request: web.BaseRequest) -> web.Response:
         """Liveness for load balancers and service managers: no token needed, nothing revealed."""
@@ -491,7 +491,7 @@ def _method_not_allowed(request: web.BaseRequest, allow: str) -> web.Response:
 
 
 def encode_info(config: AgentConfig) -> bytes:
-    return msgspec.json.encode({
+    return json_encode({
         "agent": "diskover-storage-agent", "version": __version__, "protocol": VERSION,
         "features": ["listing", "walk", "stat", "gzip"],
         "exports": [os.fsdecode(e.remote) for e in config.exports],
@@ -633,10 +633,12 @@ async def serve(
         if worker is None:
             log.info("event loop: %s", where)
             log.info("read loop: %s", READ_LOOP)
+            log.info("codec: %s", CODEC)
             announce(config, urls)
         else:
             log.info("%s (pid %d, -c %d): read loop: %s", worker, os.getpid(), config.maxconnections, READ_LOOP)
             log.info("%s (pid %d, -c %d): event loop: %s", worker, os.getpid(), config.maxconnections, where)
+            log.info("%s (pid %d, -c %d): codec: %s", worker, os.getpid(), config.maxconnections, CODEC)
         orphaned = None if parent is None else asyncio.ensure_future(_orphaned(parent, stop))
         if ready is not None:
             ready(urls)

@@ -22,18 +22,17 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import IO, Optional
 
-import msgspec
-
-from diskover_agent.protocol import (
+from diskover_wire import codec
+from diskover_wire.protocol import (
     FRONTIER_FRAME_BYTES,
     KIND_DIR,
     MAX_PATH,
     WalkRequest,
-    decode_json_walk_request,
     encode_frame,
     encode_path_item,
     end_frame_pieces,
     errno_name,
+    walk_request_of,
 )
 
 from .exports import BadPath, ExportTable, IsSymlink, split_path
@@ -343,9 +342,8 @@ class SubtreeWalk:
 
 def decode_request(body: bytes, content_type: str) -> WalkRequest:
     """A walk request from a msgpack or JSON body; raises ``ValueError``."""
+    json = content_type.startswith("application/json")
     try:
-        if content_type.startswith("application/json"):
-            return decode_json_walk_request(body)
-        return msgspec.msgpack.decode(body, type=WalkRequest)
-    except msgspec.DecodeError as exc:
+        return walk_request_of(codec.json_decode(body) if json else codec.msgpack_decode(body), json)
+    except ValueError as exc:
         raise ValueError(f"bad walk request: {exc}") from None
