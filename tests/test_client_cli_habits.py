@@ -168,6 +168,11 @@ def test_version_option(cmd):
         assert (r.returncode, r.stdout, r.stderr) == (0, f"{name} {VERSION}\n".encode(), b"")
     if name == "diskover-agent":  # a global option: after the subcommand too
         assert cli("ls", "-V", cmd=cmd).stdout == f"{name} {VERSION}\n".encode()
+        for option in ("-V", "--help"):  # output that cannot be written: one line, status 2
+            with open("/dev/full", "wb") as full:
+                r = subprocess.run([*cmd, option], stdout=full, stderr=subprocess.PIPE, timeout=60)
+            assert (r.returncode, r.stderr) == (
+                2, b"diskover-agent: cannot write the output: No space left on device\n")
 
 
 def test_python_m_diskover_agent_runs_the_cli(agent):
@@ -212,9 +217,11 @@ def test_env_port_hosts_and_option_wins(agent):
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [
-    ("DISKOVER_AGENT_WORKERS", "0", "workers must be at least 1"),
+    ("DISKOVER_AGENT_WORKERS", "0", "diskover-agent: DISKOVER_AGENT_WORKERS='0': workers must be at least 1"),
     ("DISKOVER_AGENT_WORKERS", "many", "DISKOVER_AGENT_WORKERS='many': expected an integer"),
-    ("DISKOVER_AGENT_RETRY_FOR", "0", "retry-for must be more than 0 seconds"),
+    ("DISKOVER_AGENT_RETRY_FOR", "0",
+     "diskover-agent: DISKOVER_AGENT_RETRY_FOR='0': retry-for must be more than 0 seconds"),
+    ("DISKOVER_AGENT_PORT", "70000", "diskover-agent: DISKOVER_AGENT_PORT='70000': the port must be 1 to 65535"),
     ("DISKOVER_AGENT_TLS", "maybe", "DISKOVER_AGENT_TLS='maybe': expected 1 or 0"),
     ("DISKOVER_AGENT_INSECURE", "maybe", "DISKOVER_AGENT_INSECURE='maybe': expected 1 or 0"),
     ("DISKOVER_AGENT_ONE_FS", "maybe", "DISKOVER_AGENT_ONE_FS='maybe': expected 1 or 0"),
@@ -224,7 +231,7 @@ def test_env_values_checked_as_the_scanner_checks_them(agent, name, value, messa
     r = cli("-q", "du", "-s", REMOTE, env={**env, name: value})
     assert r.returncode == 2 and last_error(r).endswith(message), r.stderr
     good = {"DISKOVER_AGENT_WORKERS": "2", "DISKOVER_AGENT_RETRY_FOR": "3", "DISKOVER_AGENT_TLS": "0",
-            "DISKOVER_AGENT_INSECURE": "no", "DISKOVER_AGENT_ONE_FS": "1"}[name]
+            "DISKOVER_AGENT_INSECURE": "no", "DISKOVER_AGENT_ONE_FS": "1", "DISKOVER_AGENT_PORT": str(agent.port)}[name]
     r = cli("-q", "du", "-s", REMOTE, env={**env, name: good})
     assert (r.returncode, r.stderr) == (0, b"")
 

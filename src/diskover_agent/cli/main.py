@@ -302,12 +302,17 @@ def apply_settings(args: argparse.Namespace, environ: Optional[Mapping[str, str]
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The console script: parse, run one subcommand, return the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "format", "") is None:
-        args.format = "parquet" if args.dask is not None else "ndjson"
     ctx: Optional[Context] = None
     buffer_stdout()
     try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help, -V: what they printed must reach stdout, or say why not
+            if not exc.code:
+                sys.stdout.flush()
+            raise
+        if getattr(args, "format", "") is None:
+            args.format = "parquet" if args.dask is not None else "ndjson"
         run = command(args.command)
         if args.command == "report":  # a dataset on this host: no agents, no settings
             return run(args)

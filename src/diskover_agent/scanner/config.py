@@ -90,25 +90,28 @@ def configured(environ: Optional[Mapping[str, str]] = None) -> tuple[dict[str, A
     explicit = env.get("DISKOVER_AGENT_CONFIG") or None
     path = os.path.expanduser(explicit or DEFAULT_CONFIG)
     values: dict[str, Any] = {}
+    where: dict[str, str] = {}  # where each value came from, for the errors below
     if explicit or os.path.exists(path):
         values = _read_config_file(path)
+        where = {key: f"config {path}: {key} = {value!r}" for key, value in values.items()}
         values[_FILE] = path
     for key, name in ENV.items():
         raw = env.get(name)
         if raw:
             values[key] = _from_env(key, name, raw)
+            where[key] = f"{name}={raw!r}"
     port = values.get("port", DEFAULT_PORT)
     if not 0 < port < 65536:
-        raise ScannerConfigError(f"port {port} is out of range")
+        raise ScannerConfigError(f"{where['port']}: the port must be 1 to 65535")
     if values.get("hosts"):
         try:
             parse_hosts(values["hosts"], port)
         except ValueError as exc:
             raise ScannerConfigError(str(exc)) from None
     if values.get("workers", DEFAULT_WORKERS) < 1:
-        raise ScannerConfigError("workers must be at least 1")
+        raise ScannerConfigError(f"{where['workers']}: workers must be at least 1")
     if not values.get("retry-for", DEFAULT_RETRY_FOR) > 0:
-        raise ScannerConfigError("retry-for must be more than 0 seconds")
+        raise ScannerConfigError(f"{where['retry-for']}: retry-for must be more than 0 seconds")
     return values, path
 
 
