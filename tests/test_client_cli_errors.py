@@ -28,7 +28,7 @@ from conftest import REMOTE, reference_walk, wait_for
 
 SCRIPT = Path(sys.executable).with_name("diskover-agent")
 AGENT_SCRIPT = Path(sys.executable).with_name("diskover-storage-agent")
-DASK_INSTALL = b"pip install 'diskover-storage-agent[dask]'"
+DASK_INSTALL = b"pip install '.[dask]' (in the diskover-storage-agent checkout)"
 
 
 def clean_env(**extra: str) -> dict[str, str]:

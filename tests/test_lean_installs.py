@@ -106,6 +106,11 @@ def test_crawler_install_holds_the_client_alone(crawler_bin, awkward_tree, start
                          capture_output=True, check=False, env={**os.environ, "PYTHONPATH": ""})
     assert cli.returncode == 0, cli.stderr
     assert b"top-file" in cli.stdout.splitlines()
+    report = subprocess.run([str(crawler_bin / "diskover-agent"), "report", str(awkward_tree)],
+                            capture_output=True, check=False, env={**os.environ, "PYTHONPATH": ""})
+    assert (report.returncode, report.stderr) == (2, b"diskover-agent: report needs duckdb, which is not installed "
+                                                     b"here: pip install './packages/crawler[dask]' (in the "
+                                                     b"diskover-storage-agent checkout)\n")
 
 
 def test_the_three_distributions_share_one_version():

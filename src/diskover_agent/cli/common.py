@@ -49,8 +49,22 @@ class UsageError(Exception):
 #: Seconds, in all, to find out whether hosts no request could reach disagree with us about TLS.
 TLS_PROBE_SECONDS = 5.0
 
-#: What installs the modules of ``walk --dask``, ``--format parquet`` and ``report``.
-DASK_INSTALL = "pip install 'diskover-storage-agent[dask]'"
+#: What installs the modules of ``walk --dask``, ``--format parquet`` and ``report``, by the
+#: distribution this client came with (both are installed from the project's checkout).
+DASK_INSTALL = {
+    "diskover-storage-agent": "pip install '.[dask]'",
+    "diskover-storage-agent-client": "pip install './packages/crawler[dask]'",
+}
+
+
+def dask_install() -> str:
+    """The ``pip install`` that adds the ``dask`` extra to this install."""
+    from importlib.metadata import packages_distributions
+
+    for dist in packages_distributions().get("diskover_agent", ()):
+        if dist in DASK_INSTALL:
+            return f"{DASK_INSTALL[dist]} (in the diskover-storage-agent checkout)"
+    return f"{DASK_INSTALL['diskover-storage-agent']} (in the diskover-storage-agent checkout)"
 
 
 def require_modules(what: str, modules: Sequence[str]) -> None:
@@ -66,7 +80,7 @@ def require_modules(what: str, modules: Sequence[str]) -> None:
             missing.append(name)
     if missing:
         are = "is" if len(missing) == 1 else "are"
-        raise UsageError(f"{what} needs {' and '.join(missing)}, which {are} not installed here: {DASK_INSTALL}")
+        raise UsageError(f"{what} needs {' and '.join(missing)}, which {are} not installed here: {dask_install()}")
 
 
 def buffer_stdout() -> None:
