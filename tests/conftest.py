@@ -439,3 +439,13 @@ def as_bytes_rows(rows) -> set:
     """Rows of a walk (str or bytes) as a set of ``(root, sorted dirs, sorted files)`` in bytes."""
     enc = os.fsencode
     return {(enc(r), tuple(sorted(map(enc, d))), tuple(sorted(map(enc, f)))) for r, d, f in rows}
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for a command-line test: no ``DISKOVER_AGENT_*`` setting and no
+    scanner config file (neither the developer's nor the machine's), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISKOVER_AGENT_")}
+    env["DISKOVER_AGENT_CONFIG"] = ""
+    env["HOME"] = "/nonexistent"  # no ~/.config/diskover_scandir_agent/config.toml
+    env.update(extra)
+    return env

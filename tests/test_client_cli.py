@@ -33,6 +33,7 @@ from conftest import (
     IS_ROOT,
     NO_SETPRIV,
     REMOTE,
+    cli_env,
     make_awkward_tree,
     reference_walk,
     settle_atimes,
@@ -53,16 +54,10 @@ def _script_installed() -> None:
         pytest.fail(f"console script {SCRIPT} is not installed (pip install -e .)")
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DISKOVER_AGENT_HOSTS", "DISKOVER_AGENT_TOKEN")}
-    env.update(extra)
-    return env
-
-
 def cli(*args: str, env: Optional[dict[str, str]] = None, timeout: float = 30.0) -> subprocess.CompletedProcess:
     """Run the console script with exactly these arguments; stdout and stderr as bytes."""
     return subprocess.run([str(SCRIPT), *args], capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                          env=env if env is not None else clean_env())
+                          env=env if env is not None else cli_env())
 
 
 def hosts_of(*agents) -> str:
@@ -225,7 +220,7 @@ def test_ls_long_like_gnu_ls(ls_dir, start_agent):
     if shutil.which("ls") is None:
         pytest.skip("no ls")
     agent = start_agent([(REMOTE, str(ls_dir))])
-    env = clean_env(LC_ALL="C")
+    env = cli_env(LC_ALL="C")
     env.pop("TIME_STYLE", None)
     env.pop("QUOTING_STYLE", None)
     env.pop("BLOCK_SIZE", None)
@@ -240,7 +235,7 @@ def test_ls_long_like_gnu_ls(ls_dir, start_agent):
 
 def test_ls_error_and_env_hosts(ls_dir, start_agent):
     agent = start_agent([(REMOTE, str(ls_dir))])
-    env = clean_env(DISKOVER_AGENT_HOSTS=agent.hostspec)
+    env = cli_env(DISKOVER_AGENT_HOSTS=agent.hostspec)
     assert cli("ls", REMOTE, env=env).returncode == 0
     r = cli("-q", "walk", REMOTE, env=env)
     assert r.returncode == 0 and len(r.stdout.splitlines()) == len(os.listdir(ls_dir))  # "sub" is empty
@@ -424,7 +419,7 @@ def parse_du(out: bytes) -> list[tuple[bytes, bytes]]:
 def gnu_du(top: Path, *args: str) -> dict[bytes, bytes]:
     if shutil.which("du") is None:
         pytest.skip("no du")
-    out = subprocess.run(["du", *args, str(top)], capture_output=True, check=True, env=clean_env(LC_ALL="C")).stdout
+    out = subprocess.run(["du", *args, str(top)], capture_output=True, check=True, env=cli_env(LC_ALL="C")).stdout
     return {remote_of(top, path): size for size, path in (line.split(b"\t", 1) for line in out.splitlines())}
 
 
@@ -505,14 +500,14 @@ def test_token(tmp_path, start_agent):
     wrong.write_text("nope")
     agent = start_agent([(REMOTE, str(top))], extra=("--token-file", str(token)))
     for command in (["ls", REMOTE], ["walk", REMOTE], ["du", REMOTE]):
-        for creds, env in (([], clean_env()), (["--token-file", str(wrong)], clean_env())):
+        for creds, env in (([], cli_env()), (["--token-file", str(wrong)], cli_env())):
             r = cli("--hosts", agent.hostspec, *creds, *command, env=env)
             assert r.returncode == 2, (command, r.stderr)
             assert r.stderr.startswith(f"diskover-agent: {agent.hostspec}: HTTP 401 unauthorized".encode())
             assert r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr
         assert cli("--hosts", agent.hostspec, "--token-file", str(token), "-q", *command).returncode == 0
         assert cli("--hosts", agent.hostspec, "-q", *command,
-                   env=clean_env(DISKOVER_AGENT_TOKEN="s3cret-token")).returncode == 0
+                   env=cli_env(DISKOVER_AGENT_TOKEN="s3cret-token")).returncode == 0
 
 
 def test_version_is_the_installed_distributions():
@@ -552,7 +547,7 @@ def run_on_terminal(*args: str, stream: str = "stderr") -> tuple[int, bytes]:
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
     streams = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, stream: slave}
-    proc = subprocess.Popen([str(SCRIPT), *args], stdin=subprocess.DEVNULL, env=clean_env(), **streams)
+    proc = subprocess.Popen([str(SCRIPT), *args], stdin=subprocess.DEVNULL, env=cli_env(), **streams)
     os.close(slave)
     seen = b""
     try:
@@ -609,7 +604,7 @@ def test_ctrl_c_exits_130_cleanly(wide_tree, start_agent):
     # run with SIGINT at its default even when these tests run with it ignored (a background job)
     shim = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
     proc = subprocess.Popen([sys.executable, "-c", shim, str(SCRIPT), "--hosts", agent.hostspec, "walk", REMOTE],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
     assert proc.stdout is not None
     first = proc.stdout.readline()  # it is walking; ~1.8 MB more to write is more than a pipe holds
     assert first.startswith(b'{"path":')
@@ -623,7 +618,7 @@ def test_ctrl_c_exits_130_cleanly(wide_tree, start_agent):
 def test_closed_output_pipe_exits_quietly(wide_tree, start_agent):
     agent = start_agent([(REMOTE, str(wide_tree))])
     proc = subprocess.Popen([str(SCRIPT), "--hosts", agent.hostspec, "walk", REMOTE], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
     assert proc.stdout is not None and proc.stderr is not None
     assert proc.stdout.readline().startswith(b'{"path":')
     proc.stdout.close()  # like `| head -1`

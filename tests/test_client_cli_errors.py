@@ -24,23 +24,17 @@ import msgspec
 import psutil
 import pytest
 
-from conftest import REMOTE, reference_walk, wait_for
+from conftest import REMOTE, cli_env, reference_walk, wait_for
 
 SCRIPT = Path(sys.executable).with_name("diskover-agent")
 AGENT_SCRIPT = Path(sys.executable).with_name("diskover-storage-agent")
 DASK_INSTALL = b"pip install '.[dask]' (in the diskover-storage-agent checkout)"
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DISKOVER_AGENT_")}
-    env.update(extra)
-    return env
-
-
 def cli(*args: str, env: dict[str, str] | None = None, stdout=subprocess.PIPE,
         timeout: float = 60.0) -> subprocess.CompletedProcess:
     return subprocess.run([str(SCRIPT), *args], stdout=stdout, stderr=subprocess.PIPE, timeout=timeout,
-                          stdin=subprocess.DEVNULL, env=env if env is not None else clean_env())
+                          stdin=subprocess.DEVNULL, env=env if env is not None else cli_env())
 
 
 def one_line(r: subprocess.CompletedProcess, status: int = 2) -> str:
@@ -88,7 +82,7 @@ def test_token_file_that_is_not_one_token(tmp_path, dead_host, content):
         assert f"the token file {token}" in line and "one token" in line
         said.append(line.encode())
     r = subprocess.run([str(AGENT_SCRIPT), "-l", "127.0.0.1", "-p", "0", "-r", REMOTE, str(tmp_path),
-                        "--token-file", str(token)], capture_output=True, timeout=30, env=clean_env())
+                        "--token-file", str(token)], capture_output=True, timeout=30, env=cli_env())
     assert r.returncode == 2 and r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr, r.stderr
     assert f"--token-file: the token file {token}".encode() in r.stderr
     for shown in (r.stderr, *said):
@@ -113,7 +107,7 @@ def test_cafile_without_a_certificate(tmp_path, dead_host, content):
 def test_hosts_are_separated_by_commas_not_spaces(tree, start_agent):
     a, b = start_agent([(REMOTE, str(tree))]), start_agent([(REMOTE, str(tree))])
     spaced = f"{a.hostspec} {b.hostspec}"
-    for r in (cli("--hosts", spaced, "ls", REMOTE), cli("ls", REMOTE, env=clean_env(DISKOVER_AGENT_HOSTS=spaced))):
+    for r in (cli("--hosts", spaced, "ls", REMOTE), cli("ls", REMOTE, env=cli_env(DISKOVER_AGENT_HOSTS=spaced))):
         assert one_line(r) == f"diskover-agent: bad host {spaced!r}: separate hosts with commas (a,b), not spaces\n"
         assert r.stdout == b""
     r = cli("--hosts", f"{a.hostspec}, {b.hostspec}", "ls", REMOTE)  # spaces around the commas are fine
@@ -161,7 +155,7 @@ def test_output_file_that_cannot_grow_exits_2(tree, tmp_path, start_agent, unbuf
         with open(tmp_path / "out", "wb") as out:
             r = subprocess.run([str(SCRIPT), "--hosts", agent.hostspec, "-q", *command], stdout=out,
                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=60,
-                               env={k: v for k, v in clean_env(PYTHONUNBUFFERED=unbuffered).items() if v},
+                               env={k: v for k, v in cli_env(PYTHONUNBUFFERED=unbuffered).items() if v},
                                preexec_fn=_small_files)
         assert one_line(r) == "diskover-agent: cannot write the output: File too large\n", command
 
@@ -193,7 +187,7 @@ for name in ("distributed", "dask", "pyarrow", "duckdb"):
 def test_missing_dask_extra_names_the_pip_install(tmp_path, dead_host):
     (tmp_path / "block").mkdir()
     (tmp_path / "block" / "sitecustomize.py").write_text(_BLOCKER)
-    env = clean_env(PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "block"), os.environ.get("PYTHONPATH")])))
+    env = cli_env(PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "block"), os.environ.get("PYTHONPATH")])))
     probe = subprocess.run([sys.executable, "-c", "import pyarrow"], capture_output=True, env=env)
     assert b"ModuleNotFoundError" in probe.stderr  # the blocker works
     (tmp_path / "ds").mkdir()
@@ -257,7 +251,7 @@ def test_host_killed_mid_walk_is_named_when_set_aside_and_in_the_summary(tree, t
     out = tmp_path / "out.ndjson"
     # the first host answers the check before the walk; the walk spreads its requests over both
     proc = subprocess.Popen([str(SCRIPT), "--hosts", f"{good.hostspec},{doomed.hostspec}", "walk", "-o", str(out),
-                             REMOTE], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env())
+                             REMOTE], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env())
     assert proc.stderr is not None
     try:
         def asking_doomed() -> bool:  # a walk connection to the stopped agent (the kernel accepted it)
@@ -293,7 +287,7 @@ def on_terminal(args: list[str], *, read_first_line: bool = False, columns: int 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     proc = subprocess.Popen([str(SCRIPT), *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
-                            env=clean_env())
+                            env=cli_env())
     os.close(slave)
     assert proc.stdout is not None
     first = b""
@@ -367,3 +361,10 @@ def test_dask_walk_shows_the_same_progress_line(tree, tmp_path, start_agent):
         assert left.startswith("diskover-agent: 21 directories, 5,020 entries"), left
         assert " dirs (" not in left and "[00:" not in left, left
     assert finals[0] == finals[1] == ("21", "5.02k", "0 B", "1", "1", "0")
+
+
+def test_report_of_a_damaged_dataset_is_one_line(tmp_path):
+    """A partition that is not Parquet: the dataset is named, status 2, no DuckDB traceback."""
+    (tmp_path / "part-000000.parquet").write_bytes(b"not parquet at all\n" * 10)
+    line = one_line(cli("report", str(tmp_path)))
+    assert line.startswith(f"diskover-agent: {tmp_path}: cannot be read as a walk dataset: "), line

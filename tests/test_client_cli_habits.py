@@ -15,7 +15,7 @@ from typing import Optional
 
 import pytest
 
-from conftest import IS_ROOT, REMOTE, settle_atimes
+from conftest import IS_ROOT, REMOTE, cli_env, settle_atimes
 
 SCRIPT = Path(sys.executable).with_name("diskover-agent")
 AGENT_SCRIPT = Path(sys.executable).with_name("diskover-storage-agent")
@@ -23,20 +23,11 @@ RB = REMOTE.encode()
 VERSION = version("diskover-storage-agent")
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without any DISKOVER_AGENT_* setting (and no config file), plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DISKOVER_AGENT_")}
-    env["DISKOVER_AGENT_CONFIG"] = ""
-    env["HOME"] = "/nonexistent"  # no ~/.config/diskover_scandir_agent/config.toml
-    env.update(extra)
-    return env
-
-
 def cli(*args: str, env: Optional[dict[str, str]] = None, cmd: Optional[list[str]] = None,
         timeout: float = 30.0) -> subprocess.CompletedProcess:
     """Run the console script (or ``cmd``) with exactly these arguments; stdout and stderr as bytes."""
     return subprocess.run([*(cmd or [str(SCRIPT)]), *args], capture_output=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, env=env if env is not None else clean_env())
+                          stdin=subprocess.DEVNULL, env=env if env is not None else cli_env())
 
 
 def last_error(r: subprocess.CompletedProcess) -> str:
@@ -207,7 +198,7 @@ def test_ls_combined_short_flags(agent, tree):
 # -- 6. the scanner's environment variables --------------------------------------------------------
 
 def test_env_port_hosts_and_option_wins(agent):
-    env = clean_env(DISKOVER_AGENT_HOSTS="127.0.0.1", DISKOVER_AGENT_PORT=str(agent.port))
+    env = cli_env(DISKOVER_AGENT_HOSTS="127.0.0.1", DISKOVER_AGENT_PORT=str(agent.port))
     assert cli("ls", REMOTE, env=env).stdout == b"a\nb\nempty\nskip\n"
     r = cli("ls", REMOTE, "--port", "1", env=env)  # the option wins: nothing listens on port 1
     assert r.returncode == 2 and "127.0.0.1" in last_error(r)
@@ -227,7 +218,7 @@ def test_env_port_hosts_and_option_wins(agent):
     ("DISKOVER_AGENT_ONE_FS", "maybe", "DISKOVER_AGENT_ONE_FS='maybe': expected 1 or 0"),
 ])
 def test_env_values_checked_as_the_scanner_checks_them(agent, name, value, message):
-    env = clean_env(DISKOVER_AGENT_HOSTS=agent.hostspec)
+    env = cli_env(DISKOVER_AGENT_HOSTS=agent.hostspec)
     r = cli("-q", "du", "-s", REMOTE, env={**env, name: value})
     assert r.returncode == 2 and last_error(r).endswith(message), r.stderr
     good = {"DISKOVER_AGENT_WORKERS": "2", "DISKOVER_AGENT_RETRY_FOR": "3", "DISKOVER_AGENT_TLS": "0",
@@ -249,7 +240,7 @@ def test_env_token_file_and_tls(tmp_path, start_agent):
     agent = start_agent([(REMOTE, str(tmp_path / "t"))], extra=(
         "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem"),
         "--token-file", str(tmp_path / "token")))
-    env = clean_env(DISKOVER_AGENT_HOSTS=agent.hostspec, DISKOVER_AGENT_TOKEN_FILE=str(tmp_path / "token"),
+    env = cli_env(DISKOVER_AGENT_HOSTS=agent.hostspec, DISKOVER_AGENT_TOKEN_FILE=str(tmp_path / "token"),
                     DISKOVER_AGENT_CAFILE=str(tmp_path / "ca.pem"))
     assert cli("ls", REMOTE, env=env).stdout == b"d\n"
     assert cli("ls", REMOTE, env={**env, "DISKOVER_AGENT_CAFILE": "", "DISKOVER_AGENT_TLS": "1",
@@ -264,7 +255,7 @@ def test_env_token_file_and_tls(tmp_path, start_agent):
 
 
 def test_env_exclusions_add_to_the_options(agent, tree):
-    env = clean_env(DISKOVER_AGENT_HOSTS=agent.hostspec, DISKOVER_AGENT_EXCLUDE_DIRS="skip,sub",
+    env = cli_env(DISKOVER_AGENT_HOSTS=agent.hostspec, DISKOVER_AGENT_EXCLUDE_DIRS="skip,sub",
                     DISKOVER_AGENT_EXCLUDE_FILES="*.bak")
 
     def walked(*args: str, env: dict[str, str] = env) -> set[bytes]:
@@ -272,7 +263,7 @@ def test_env_exclusions_add_to_the_options(agent, tree):
         assert r.returncode == 0, r.stderr
         return {line.split(b",", 1)[0] for line in r.stdout.splitlines()[1:]}
 
-    everything = walked(env=clean_env(DISKOVER_AGENT_HOSTS=agent.hostspec))
+    everything = walked(env=cli_env(DISKOVER_AGENT_HOSTS=agent.hostspec))
     assert len(everything) == 12
     gone = {RB + p for p in (b"/skip", b"/skip/deep", b"/skip/deep/x", b"/a/sub", b"/a/sub/two.dat", b"/b/three.bak")}
     assert walked() == everything - gone
@@ -291,7 +282,7 @@ def test_env_one_fs(tree, start_agent):
     try:
         (mnt / "inside").write_bytes(b"i")
         agent = start_agent([(REMOTE, str(tree))])
-        env = clean_env(DISKOVER_AGENT_HOSTS=agent.hostspec)
+        env = cli_env(DISKOVER_AGENT_HOSTS=agent.hostspec)
         inside = RB + b"/b/mnt/inside"
         assert inside in cli("-q", "walk", REMOTE, env=env).stdout
         out = cli("-q", "walk", REMOTE, env={**env, "DISKOVER_AGENT_ONE_FS": "1"}).stdout
@@ -304,7 +295,7 @@ def test_env_one_fs(tree, start_agent):
 def test_env_config_file(agent, tmp_path):
     config = tmp_path / "config.toml"
     config.write_text(f'hosts = ["127.0.0.1"]\nport = {agent.port}\nexclude-dirs = ["skip"]\n')
-    env = clean_env(DISKOVER_AGENT_CONFIG=str(config))
+    env = cli_env(DISKOVER_AGENT_CONFIG=str(config))
     assert cli("ls", REMOTE, env=env).stdout == b"a\nb\nempty\nskip\n"
     out = cli("-q", "walk", REMOTE, env=env).stdout
     assert out.count(b"\n") == 9 and b"/skip" not in out

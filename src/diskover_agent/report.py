@@ -50,6 +50,10 @@ def _quote(text: str) -> str:
     return text.replace("'", "''")
 
 
+class DatasetError(ValueError):
+    """A dataset that DuckDB cannot read as a walk's (damaged or foreign partitions)."""
+
+
 def run(dataset: str, name: str, limit: int = 10) -> tuple[list[str], list[tuple[Any, ...]]]:
     """Run one of :data:`QUERIES`; returns (column names, rows)."""
     import duckdb
@@ -59,5 +63,7 @@ def run(dataset: str, name: str, limit: int = 10) -> tuple[list[str], list[tuple
     try:
         cur = con.execute(sql)
         return [d[0] for d in cur.description], cur.fetchall()
+    except duckdb.Error as exc:  # a partition that is not Parquet / NDJSON, or not of this schema
+        raise DatasetError(f"{dataset}: cannot be read as a walk dataset: {str(exc).splitlines()[0]}") from None
     finally:
         con.close()

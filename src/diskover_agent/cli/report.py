@@ -22,6 +22,6 @@ def cmd_report(args: argparse.Namespace) -> int:
             for row in rows:
                 print("\t".join("" if v is None else str(v) for v in row))
         sys.stdout.flush()  # a write error surfaces here, as the command's, not at exit
-    except (FileNotFoundError, ImportError) as exc:
+    except (FileNotFoundError, ImportError, report.DatasetError) as exc:
         raise UsageError(str(exc)) from None
     return 0
