@@ -137,7 +137,11 @@ def test_token_and_tls_options_after_the_subcommand(tmp_path, start_agent):
     (["--hosts", "h", "lss", REMOTE], "(did you mean ls?)"),
     (["--hosts", "h", "wakl", REMOTE], "(did you mean walk?)"),
     (["--hosts", "h", "walk", "--format", "ndjsn", REMOTE], "(did you mean ndjson?)"),
-    (["--hosts", "h", "-s", "du", REMOTE], "(-s is an option of diskover-agent du: give it after du)"),
+    (["--hosts", "h", "-s", "du", REMOTE], "-s is an option of du: give it after the subcommand"),
+    (["--hosts", "h", "--exclude", "x", "du", REMOTE], "--exclude is an option of walk and du: give it after "
+                                                        "the subcommand"),
+    (["-d", "1", "walk", REMOTE], "-d is an option of walk and du: give it after the subcommand"),
+    (["--exlude", "x", "--hosts", "h", "walk", REMOTE], "(did you mean --exclude?)"),
 ])
 def test_mistyped_options_and_commands_get_a_suggestion(args, hint):
     r = cli(*args)

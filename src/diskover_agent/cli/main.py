@@ -66,18 +66,29 @@ class Parser(argparse.ArgumentParser):
         return ns, extras
 
     def _check_before_command(self, args: list[str]) -> None:
-        """A long option before the subcommand that no parser knows: its error now, with a
-        suggestion (else argparse takes its value for the subcommand: "invalid choice")."""
+        """An option before the subcommand that is not a global one: its error now, saying
+        which subcommand has it, or with a suggestion among every option (else argparse takes
+        its value for the subcommand: "invalid choice")."""
         commands = self._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-        known = set(self._option_string_actions)
-        for sub in commands.values():
-            known.update(sub._option_string_actions)
-        for arg in args:
+        top = self._option_string_actions
+        words = iter(args)
+        for arg in words:
             if arg in commands or arg == "--":
                 return
+            if not arg.startswith("-") or arg == "-":
+                continue
             name = arg.split("=", 1)[0]
-            if name.startswith("--") and not any(o.startswith(name) for o in known):
-                self.error(f"unrecognized arguments: {arg}")
+            long = name.startswith("--")
+            ours = [o for o in top if o.startswith(name)] if long else [name[:2]] if name[:2] in top else []
+            if ours:
+                if top[ours[0]].nargs != 0 and arg == name and (long or len(arg) == 2):
+                    next(words, None)  # its value, whatever it looks like (--retry-for -1)
+                continue
+            owners = [c for c, sub in commands.items() if (name if long else name[:2]) in sub._option_string_actions]
+            if owners:
+                self.error(f"{name[:2] if not name.startswith('--') else name} is an option of "
+                           f"{' and '.join(owners)}: give it after the subcommand")
+            self.error(f"unrecognized arguments: {arg}")
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
         super().error(message + _suggestion(self, message))
@@ -92,6 +103,11 @@ class Parser(argparse.ArgumentParser):
 def _suggestion(parser: argparse.ArgumentParser, message: str) -> str:
     """``" (did you mean --exclude?)"`` for the first mistyped word of an argparse error, or ``""``."""
     options = [o for a in parser._actions if a.help != argparse.SUPPRESS for o in a.option_strings]
+    if parser._subparsers is not None and message.startswith("unrecognized arguments: "):
+        # the top parser, before the subcommand: a subcommand's option may be what was meant
+        subs = parser._subparsers._group_actions[0].choices.values()  # type: ignore[union-attr]
+        options += [o for sub in subs for a in sub._actions if a.help != argparse.SUPPRESS for o in a.option_strings
+                    if o not in options]
     found = re.search(r"invalid choice: '([^']*)'", message)
     if found:
         choices = [str(c) for a in parser._actions if a.choices for c in a.choices]
@@ -105,8 +121,6 @@ def _suggestion(parser: argparse.ArgumentParser, message: str) -> str:
             return ""
         words, candidates = [f"-{found.group(2)[0]}"], options
     for word in words:
-        if word in options:  # given before the subcommand it belongs to
-            return f" ({word} is an option of {parser.prog}: give it after {parser.prog.split()[-1]})"
         close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6 if word.startswith("--") else 0.75)
         if close:
             return f" (did you mean {close[0]}?)"
