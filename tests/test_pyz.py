@@ -222,8 +222,3 @@ def test_client_imports_without_aiohttp_and_prometheus_client():
                          ["aiohttp", "prometheus_client", "diskover_storage_agent"])
     assert {"diskover_wire", "diskover_agent", "msgspec"} <= loaded
     assert not loaded & {"aiohttp", "prometheus_client", "diskover_storage_agent"}
-
-
-def test_current_python_is_always_tested():
-    """The running Python's version is among those tested, and never skipped."""
-    assert CURRENT in VERSIONS and find_python(CURRENT) is not None
