@@ -449,3 +449,32 @@ def cli_env(**extra: str) -> dict[str, str]:
     env["HOME"] = "/nonexistent"  # no ~/.config/diskover_scandir_agent/config.toml
     env.update(extra)
     return env
+
+
+def open_pty(columns: int, rows: int = 40) -> tuple[int, int]:
+    """A pseudo-terminal ``columns`` wide: ``(master, slave)`` file descriptors."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    return master, slave
+
+
+def drain_pty(master: int) -> bytes:
+    """Everything written to a pseudo-terminal until every writer is gone; closes ``master``."""
+    seen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every writer is gone
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+    return seen

@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import base64
 import csv
-import fcntl
 import fnmatch
 import io
 import os
-import pty
 import pwd
 import shutil
 import signal
 import socket
 import stat
-import struct
 import subprocess
 import sys
-import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +30,9 @@ from conftest import (
     NO_SETPRIV,
     REMOTE,
     cli_env,
+    drain_pty,
     make_awkward_tree,
+    open_pty,
     reference_walk,
     settle_atimes,
     vary_owners_and_times,
@@ -544,23 +542,11 @@ def test_bad_arguments_exit_2(args):
 def run_on_terminal(*args: str, stream: str = "stderr") -> tuple[int, bytes]:
     """Run the script with stderr (or stdout) on a pseudo-terminal, the other stream to /dev/null;
     what the terminal got."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    master, slave = open_pty(160)
     streams = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, stream: slave}
     proc = subprocess.Popen([str(SCRIPT), *args], stdin=subprocess.DEVNULL, env=cli_env(), **streams)
     os.close(slave)
-    seen = b""
-    try:
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: every writer is gone
-                break
-            if not chunk:
-                break
-            seen += chunk
-    finally:
-        os.close(master)
+    seen = drain_pty(master)
     return proc.wait(30), seen
 
 

@@ -6,24 +6,20 @@ real subprocesses against real agents on loopback."""
 
 from __future__ import annotations
 
-import fcntl
 import os
-import pty
 import re
 import resource
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import termios
 from pathlib import Path
 
 import msgspec
 import psutil
 import pytest
 
-from conftest import REMOTE, cli_env, reference_walk, wait_for
+from conftest import REMOTE, cli_env, drain_pty, open_pty, reference_walk, wait_for
 
 SCRIPT = Path(sys.executable).with_name("diskover-agent")
 AGENT_SCRIPT = Path(sys.executable).with_name("diskover-storage-agent")
@@ -282,8 +278,7 @@ def on_terminal(args: list[str], *, read_first_line: bool = False, columns: int 
     """Run the script with stderr on a pseudo-terminal ``columns`` wide and stdout a pipe;
     with ``read_first_line``, the pipe is closed after the first line (as ``| head -1``).
     ``(status, first stdout line, what the terminal got)``."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    master, slave = open_pty(columns)
     proc = subprocess.Popen([str(SCRIPT), *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
                             env=cli_env())
     os.close(slave)
@@ -292,20 +287,9 @@ def on_terminal(args: list[str], *, read_first_line: bool = False, columns: int 
     if read_first_line:
         first = proc.stdout.readline()
         proc.stdout.close()
-    seen = b""
-    try:
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: every writer is gone
-                break
-            if not chunk:
-                break
-            seen += chunk
-    finally:
-        os.close(master)
-        if not read_first_line:
-            proc.stdout.read()
+    seen = drain_pty(master)
+    if not read_first_line:
+        proc.stdout.read()
     return proc.wait(60), first, seen
 
 

@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 
 import msgspec
 
+from diskover_wire.protocol import DEFAULT_PORT
 from diskover_wire.tokens import MAX_TOKEN_BYTES, read_token_file, token_problem  # noqa: F401 (re-exported)
 
 from .errors import AgentBusyError, AgentError, AgentHTTPError, AgentProtocolError
@@ -47,7 +48,6 @@ from .protocol import (
     read_frame_blocks,
 )
 
-DEFAULT_PORT = 9999
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 #: The bearer token, when none is given in code.
@@ -232,33 +232,28 @@ class AgentHTTP:
         """The sizes of the file system holding a remote path (``os.statvfs`` fields
         and ``total``/``free``/``available`` bytes), or the file-system error; transport
         errors raise."""
-        try:
-            resp = self._request("GET", STATVFS_PATH + quote_path(path))
-            if resp.status != 200:
-                return self._error(resp, filename)
-            data = msgspec.json.decode(resp.read(65536), type=dict[str, int])
-            self._finish(resp)
-            return data
-        except msgspec.DecodeError as exc:
-            self.close()
-            raise AgentProtocolError(f"bad statvfs answer: {exc}") from None
-        except BaseException:
-            self.close()
-            raise
+        return self._get_json(STATVFS_PATH + quote_path(path), dict[str, int], "statvfs", filename)
 
     def info(self) -> dict[str, Any]:
         """The agent's ``/_agent/v1/info``: ``agent``, ``version``, ``protocol``, ``features``,
         ``exports`` (the remote paths it serves); errors raise."""
+        data = self._get_json(INFO_PATH, dict[str, Any], "info", None)
+        if isinstance(data, OSError):
+            raise data
+        return data
+
+    def _get_json(self, target: str, kind: Any, what: str, filename: object) -> Any:
+        """A small JSON answer of type ``kind``, or the error an error answer carries."""
         try:
-            resp = self._request("GET", INFO_PATH)
+            resp = self._request("GET", target)
             if resp.status != 200:
-                raise self._error(resp, None)
-            data = msgspec.json.decode(resp.read(65536), type=dict[str, Any])
+                return self._error(resp, filename)
+            data = msgspec.json.decode(resp.read(65536), type=kind)
             self._finish(resp)
             return data
         except msgspec.DecodeError as exc:
             self.close()
-            raise AgentProtocolError(f"bad info answer: {exc}") from None
+            raise AgentProtocolError(f"bad {what} answer: {exc}") from None
         except BaseException:
             self.close()
             raise

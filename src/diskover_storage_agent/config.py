@@ -8,6 +8,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Optional
 
+from diskover_wire.protocol import DEFAULT_PORT
 from diskover_wire.tokens import read_token_file as _read_token_file
 from diskover_wire.tokens import token_problem
 
@@ -15,7 +16,6 @@ from .exports import CONTROL_PREFIX, BadPath, Export, split_path
 from .limits import MAX_BODY, Timeouts
 
 DEFAULT_LISTEN = "0.0.0.0"
-DEFAULT_PORT = 9999
 DEFAULT_MAXCONNECTIONS = 50
 DEFAULT_QUEUE = 1000
 #: Connection limits, as nginx's client_header_timeout, client_body_timeout,

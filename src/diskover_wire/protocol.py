@@ -52,6 +52,8 @@ from .codec import msgpack_encode as _msgpack_encode
 
 VERSION = 1
 PROTOCOL_HEADER = "X-Diskover-Agent-Protocol"
+#: The agent's port, where nothing else is said.
+DEFAULT_PORT = 9999
 MSGPACK_TYPE = "application/vnd.diskover-agent.v1+msgpack"
 NDJSON_TYPE = "application/x-ndjson"
 TEXT_TYPE = "text/plain; charset=utf-8"
