@@ -87,7 +87,8 @@ def test_global_options_after_the_subcommand(agent):
 
 
 @pytest.mark.parametrize(("option", "bad", "message"), [
-    ("--port", "0", "must be at least 1"), ("--workers", "0", "must be at least 1"),
+    ("--port", "0", "must be at least 1"), ("--port", "70000", "a port is 1 to 65535"),
+    ("--workers", "0", "must be at least 1"),
     ("--timeout", "0", "must be more than 0 seconds"), ("--retry-for", "-1", "must be more than 0 seconds"),
 ])
 def test_each_global_option_is_checked_the_same_after_the_subcommand(agent, option, bad, message):

@@ -311,11 +311,18 @@ def _positive(text: str) -> int:
     return n
 
 
+def _port(text: str) -> int:
+    n = _positive(text)
+    if n > 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535: {n}")
+    return n
+
+
 def _seconds_arg(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not v > 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text}")
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, and finite: {text}")
     return v

@@ -25,6 +25,7 @@ from .common import (
     Context,
     UsageError,
     _count,
+    _port,
     _positive,
     _seconds_arg,
     buffer_stdout,
@@ -162,7 +163,7 @@ def _add_globals(p: argparse.ArgumentParser, suppress: bool) -> None:
     g = p.add_argument_group("agents (options win over the environment and the config file)")
     g.add_argument("--hosts", metavar="H1,H2,...", default=d,
                    help=f"agents as name, name:port or [v6addr]:port, comma-separated (default: ${HOSTS_ENV})")
-    g.add_argument("--port", type=_positive, default=d,
+    g.add_argument("--port", type=_port, default=d,
                    help=f"port of hosts given without one (default: $DISKOVER_AGENT_PORT, else {DEFAULT_PORT})")
     g.add_argument("--token-file", metavar="FILE", default=d,
                    help="bearer token for agents that require one (default: $DISKOVER_AGENT_TOKEN, the token; "
