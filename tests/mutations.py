@@ -495,7 +495,7 @@ MUTATIONS: list[Mutation] = [
              ("tests/test_client_cli.py::test_du_counts_max_depth_summarize_total_and_cross_directory_hard_link",
               "tests/test_client_cli_habits.py::test_du_several_paths_like_gnu_du")),
     Mutation("clia-du-zero-line", "du prints a zero line for a path that fails", "diskover_agent/cli/du.py",
-             "    if failed or top_stat is None:\n        return max(status, 1)\n", "",
+             "    if failed or top_stat is None:\n        return None, crawl\n", "",
              ("tests/test_client_cli_habits.py::test_du_several_paths_like_gnu_du",)),
     Mutation("clia-du-bytes-default", "du prints bytes, not 1024-byte blocks, by default", "diskover_agent/cli/du.py",
              "    return lambda n: str(-(-n // 1024))", "    return str",
@@ -614,6 +614,14 @@ MUTATIONS: list[Mutation] = [
         "wire-pure-env-ignored", "DISKOVER_AGENT_PURE no longer chooses the pure-Python codec",
         "diskover_wire/codec.py", "= load(pure_wanted())", "= load(False)",
         ("tests/test_walk.py::test_awkward_tree_through_one_agent[subtree-pure]",)),
+    # -- issue 14 integration: what the review found --------------------------------------------
+    Mutation("cli-before-command-no-hint", "a subcommand's option before the subcommand is taken for the subcommand",
+             "diskover_agent/cli/main.py", "            if owners:\n", "            if False:\n",
+             ("tests/test_client_cli_habits.py::test_mistyped_options_and_commands_get_a_suggestion",)),
+    Mutation("cli-version-unwritable", "-V into a full disk ends in a traceback",
+             "diskover_agent/cli/main.py", "            if not exc.code:\n                sys.stdout.flush()\n", "",
+             ("tests/test_client_cli_habits.py::test_version_option",)),
+
 ]
 
 
