@@ -621,7 +621,6 @@ MUTATIONS: list[Mutation] = [
     Mutation("cli-version-unwritable", "-V into a full disk ends in a traceback",
              "diskover_agent/cli/main.py", "            if not exc.code:\n                sys.stdout.flush()\n", "",
              ("tests/test_client_cli_habits.py::test_version_option",)),
-
 ]
 
 
