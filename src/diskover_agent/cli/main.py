@@ -202,10 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_globals(ls, suppress=True)
 
     walk = sub.add_parser("walk", help="every entry of a tree, as NDJSON or CSV",
-                          description="Write every entry below PATH (not PATH itself), one record per entry: "
-                                      "path, path_b64 (the exact bytes, base64, when the path is not UTF-8), name, "
-                                      "type, target_type, size, allocated, blocks, mode, uid, gid, inode, nlink, "
-                                      "dev, atime, mtime, ctime and their *_ns.")
+                          description="Write every entry below PATH (not PATH itself), one record per entry, and "
+                                      "one per directory that could not be listed (type error), in the columns "
+                                      "of the README's table of the records: parent, parent_raw, name, name_raw "
+                                      "(the exact bytes, base64, when not UTF-8), type, target_type, mode, ino, "
+                                      "dev, nlink, uid, gid, size, atime_ns, mtime_ns, ctime_ns, blocks, "
+                                      "error_errno, error_code, error_message.")
     walk.add_argument("path", metavar="PATH", help=_PATH_HELP)
     walk.add_argument("-o", "--output", metavar="FILE",
                       help="write to FILE instead of stdout (with --format parquet or --dask: the dataset directory)")
