@@ -20,9 +20,10 @@ import termios
 import time
 from pathlib import Path
 
-import msgspec
 import psutil
 import pytest
+
+import walk_records
 
 from conftest import REMOTE, reference_walk, wait_for
 
@@ -279,8 +280,8 @@ def test_host_killed_mid_walk_is_named_when_set_aside_and_in_the_summary(tree, t
     assert len(summary) == 1 and summary[0].startswith("diskover-agent: 21 directories, 5,020 entries, "), rest
     assert summary[0].endswith(f"1/2 hosts, set aside (not answering): {doomed.hostspec})")
     walked, _ = reference_walk(tree, nocaps=False)
-    paths = [msgspec.json.decode(line)["path"] for line in out.read_bytes().splitlines()]
-    want = sorted(os.fsdecode(os.path.join(r, n)) for r, d, f in walked for n in d + f)
+    paths = [walk_records.path(row) for row in walk_records.read_ndjson(out.read_bytes())]
+    want = sorted(os.path.join(r, n) for r, d, f in walked for n in d + f)
     assert sorted(paths) == want  # every entry once
 
 
