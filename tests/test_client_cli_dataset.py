@@ -132,3 +132,21 @@ def test_walk_parquet_usage_errors(tmp_path, start_agent):
     blocker.write_bytes(b"")
     r = cli("--hosts", agent.hostspec, "walk", "--format", "parquet", "-o", str(blocker), REMOTE)
     assert r.returncode == 2 and b"cannot write" in r.stderr
+
+
+def test_report_reads_walk_files_and_refuses_other_files(tmp_path):
+    """``report FILE`` reads what ``walk -o FILE`` writes (an empty walk too); anything else is
+    one line and exit 2, no traceback."""
+    pytest.importorskip("duckdb")
+    empty = tmp_path / "empty.ndjson"
+    empty.write_bytes(b"")
+    r = cli("report", str(empty), "totals")
+    assert (r.returncode, r.stdout) == (0, b"# totals\nfiles\tdirs\tbytes\tallocated\terrors\n0\t0\t0\t0\t0\n")
+    junk = tmp_path / "junk.txt"
+    junk.write_bytes(b"hello\n")
+    (tmp_path / "no-partitions").mkdir()
+    for path, says in ((junk, b"not a walk's output"), (tmp_path / "nope", b"No such file or directory"),
+                       (tmp_path / "no-partitions", b"no partitions")):
+        r = cli("report", str(path), "totals")
+        assert (r.returncode, r.stdout) == (2, b""), r.stderr
+        assert r.stderr.startswith(b"diskover-agent: ") and r.stderr.count(b"\n") == 1 and says in r.stderr, r.stderr

@@ -243,10 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     du.add_argument("--help", action="help", help="show this help and exit")
     _add_globals(du, suppress=True)
 
-    rep = sub.add_parser("report", help="totals, largest directories, oldest files, owners of a walk's dataset",
-                         description="Query a dataset written by walk --dask (DuckDB): totals, largest_dirs, "
+    rep = sub.add_parser("report", help="totals, largest directories, oldest files, owners of a walk's output",
+                         description="Query a walk's output (DuckDB): a dataset (walk --format parquet or --dask "
+                                     "-o DIR) or a walk -o FILE (NDJSON or CSV): totals, largest_dirs, "
                                      "oldest_files, owners. Tab-separated, one section per query.")
-    rep.add_argument("dataset", metavar="DIR", help="the directory walk --dask -o wrote")
+    rep.add_argument("dataset", metavar="OUTPUT", help="the directory or the file walk -o wrote")
     rep.add_argument("query", nargs="?", choices=("totals", "largest_dirs", "oldest_files", "owners"),
                      help="one query (default: all)")
     rep.add_argument("--limit", type=_positive, default=10, help="rows per query (%(default)s)")

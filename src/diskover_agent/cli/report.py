@@ -9,7 +9,7 @@ from .common import UsageError, require_modules
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """``report DIR``: what a walk's dataset says, through DuckDB."""
+    """``report OUTPUT``: what a walk's dataset (or ``walk -o FILE`` output) says, through DuckDB."""
     require_modules("report", ["duckdb"])
     from .. import report
 
@@ -22,6 +22,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             for row in rows:
                 print("\t".join("" if v is None else str(v) for v in row))
         sys.stdout.flush()  # a write error surfaces here, as the command's, not at exit
-    except (FileNotFoundError, ImportError) as exc:
+    except (ValueError, ImportError) as exc:
         raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.dataset}: {exc.strerror or exc}") from None
     return 0
