@@ -587,7 +587,7 @@ def test_ctrl_c_exits_130_cleanly(wide_tree, start_agent):
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
     assert proc.stdout is not None
     first = proc.stdout.readline()  # it is walking; ~1.8 MB more to write is more than a pipe holds
-    assert first.startswith(b'{"path":')
+    assert first.startswith(b'{"parent":')
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 130, err
@@ -600,7 +600,7 @@ def test_closed_output_pipe_exits_quietly(wide_tree, start_agent):
     proc = subprocess.Popen([str(SCRIPT), "--hosts", agent.hostspec, "walk", REMOTE], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
     assert proc.stdout is not None and proc.stderr is not None
-    assert proc.stdout.readline().startswith(b'{"path":')
+    assert proc.stdout.readline().startswith(b'{"parent":')
     proc.stdout.close()  # like `| head -1`
     err = proc.stderr.read()
     assert proc.wait(20) == 141

@@ -347,7 +347,7 @@ def test_progress_leaves_nothing_behind_when_the_output_is_closed_early(tree, st
     agent = start_agent([(REMOTE, str(tree))])
     rc, first, seen = on_terminal(["--hosts", agent.hostspec, "walk", REMOTE], read_first_line=True, columns=40)
     assert rc == 141
-    assert first.startswith(b'{"path":"/mnt/isilon/d')
+    assert first.startswith(b'{"parent":"/mnt/isilon')
     assert b"0 dirs (" in seen  # the line was shown
     assert b"Traceback" not in seen and b"Exception" not in seen
     assert all(line == "" for line in screen(seen, 40)), screen(seen, 40)
