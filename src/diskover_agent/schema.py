@@ -132,6 +132,7 @@ def file_bytes(entries: Sequence[Entry]) -> int:
 
 # -- the formats ------------------------------------------------------------------------------
 
+#: One encoder for every thread (msgspec holds the GIL while it encodes).
 _encode_lines = msgspec.json.Encoder().encode_lines
 
 
