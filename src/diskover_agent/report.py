@@ -41,6 +41,10 @@ QUERIES: dict[str, str] = {
 }
 
 
+#: The first line of a CSV output.
+CSV_HEADER = ",".join(COLUMNS).encode()
+
+
 def relation(output: str) -> str:
     """The DuckDB table expression that reads every record of a walk's output: a dataset
     directory (its partitions) or a file ``walk -o FILE`` wrote (NDJSON, or CSV: told apart
@@ -60,10 +64,6 @@ def relation(output: str) -> str:
                 f"read_csv('{_quote(output)}', header=true, auto_detect=false, delim=',', quote='\"', "
                 f"escape='\"', columns={_columns()}))")
     return _read_json(output)
-
-
-#: The first line of a CSV output.
-CSV_HEADER = ",".join(COLUMNS).encode()
 
 
 def _read_json(pattern: str) -> str:
