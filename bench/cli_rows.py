@@ -14,14 +14,19 @@ when the command line accepts ``--format parquet -o DIR`` on its own).
 from __future__ import annotations
 
 import base64
+import csv
+import glob
+import io
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from typing import TYPE_CHECKING, Optional
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import msgspec
+import msgspec.structs
 
 from walks import Mismatch, Reference, path_stat_digest, stat_key
 
@@ -32,21 +37,82 @@ CLI = [sys.executable, "-c", "import sys; from diskover_agent.cli import main; s
 
 
 class _Record(msgspec.Struct):
-    """The fields of an NDJSON record the check reads (the stat fields are required: never null)."""
+    """The columns of an NDJSON record the check reads (the stat columns are required: never null;
+    msgspec decodes the base64 of the ``*_raw`` columns)."""
 
-    path: str
-    path_b64: Optional[str]
+    parent: str
+    parent_raw: Optional[bytes]
+    name: str
+    name_raw: Optional[bytes]
     mode: int
-    inode: int
+    ino: int
     dev: int
     nlink: int
     uid: int
     gid: int
     size: int
-    blocks: int
-    atime_ns: int
     mtime_ns: int
     ctime_ns: int
+
+
+#: The columns :func:`output_pairs` reads, in order: the exact path's, then :func:`stat_key`'s.
+PAIR_COLUMNS = ("parent", "parent_raw", "name", "name_raw", "mode", "ino", "dev", "nlink", "uid", "gid", "size",
+                "mtime_ns", "ctime_ns")
+
+
+def _pairs(rows: Iterable[Sequence[Any]]) -> list[tuple[bytes, bytes]]:
+    """``(exact path, stat_key)`` of rows of :data:`PAIR_COLUMNS` values."""
+    key = stat_key
+    out = []
+    for parent, parent_raw, name, name_raw, *fields in rows:
+        if any(v is None for v in fields):
+            raise Mismatch(f"a record without every stat field: {parent!r} {name!r}")
+        p = parent_raw if parent_raw is not None else parent.encode("utf-8")
+        n = name_raw if name_raw is not None else name.encode("utf-8")
+        out.append((p + b"/" + n, key(*fields)))
+    return out
+
+
+def _ndjson_pairs(data: bytes) -> list[tuple[bytes, bytes]]:
+    try:
+        records = msgspec.json.Decoder(_Record).decode_lines(data)
+    except msgspec.DecodeError as exc:
+        raise Mismatch(f"a record without every stat field, or an error record: {exc}") from None
+    return _pairs(msgspec.structs.astuple(r) for r in records)
+
+
+def _csv_pairs(data: bytes) -> list[tuple[bytes, bytes]]:
+    lines = csv.reader(io.StringIO(data.decode("utf-8"), newline=""))
+    header = next(lines)
+    at = [header.index(c) for c in PAIR_COLUMNS]
+    rows = []
+    for values in lines:
+        p, p_raw, n, n_raw, *fields = (values[i] for i in at)
+        rows.append((p, base64.b64decode(p_raw) if p_raw else None, n, base64.b64decode(n_raw) if n_raw else None,
+                     *(int(v) if v else None for v in fields)))
+    return _pairs(rows)
+
+
+def output_pairs(out: str) -> list[tuple[bytes, bytes]]:
+    """``(exact path, stat_key)`` of every record of a walk's output, in the columns of the
+    README's "The walk's records": a dataset directory (Parquet or NDJSON partitions) or what
+    ``walk -o FILE`` wrote (NDJSON, or CSV: it starts with its header). A record without
+    every stat field (an error record too) is a :class:`Mismatch`."""
+    if os.path.isdir(out):
+        parquet = sorted(glob.glob(os.path.join(out, "part-*.parquet")))
+        if parquet:
+            import pyarrow.dataset as ds
+
+            table = ds.dataset(parquet, format="parquet").to_table(columns=list(PAIR_COLUMNS))
+            return _pairs(zip(*(table.column(c).to_pylist() for c in PAIR_COLUMNS), strict=True))
+        pairs = []
+        for name in sorted(glob.glob(os.path.join(out, "part-*.ndjson"))):
+            with open(name, "rb") as f:
+                pairs += _ndjson_pairs(f.read())
+        return pairs
+    with open(out, "rb") as f:
+        data = f.read()
+    return _csv_pairs(data) if data.startswith(b"parent,") else _ndjson_pairs(data)
 
 
 def run_cli(args: list[str], stderr_path: str) -> dict:
@@ -115,21 +181,16 @@ class CliRows:
                        stat=True, client_cpu_of=lambda r: r["cpu"], kind="cli", fmt="ndjson")
 
     def check_ndjson(self, r: dict) -> int:
+        return self._check("walk -o FILE", r)
+
+    def _check(self, what: str, r: dict) -> int:
+        """Compare what the walk wrote with ``lstat`` of every entry; the output is removed."""
         try:
             self._status(r)
-            with open(r["out"], "rb") as f:
-                data = f.read()
+            pairs = output_pairs(r["out"])
         finally:
             self._remove(r["out"])
-        key = stat_key
-        try:
-            records = msgspec.json.Decoder(_Record).decode_lines(data)
-        except msgspec.DecodeError as exc:
-            raise Mismatch(f"walk -o FILE: a record without every stat field: {exc}") from None
-        pairs = [(base64.b64decode(x.path_b64) if x.path_b64 is not None else x.path.encode("utf-8"),
-                  key(x.mode, x.inode, x.dev, x.nlink, x.uid, x.gid, x.size, x.mtime_ns, x.ctime_ns))
-                 for x in records]
-        return self._compare("walk -o FILE", pairs)
+        return self._compare(what, pairs)
 
     # -- Parquet -----------------------------------------------------------------------------
 
@@ -146,29 +207,4 @@ class CliRows:
                        dask="--dask" in extra)
 
     def check_parquet(self, r: dict) -> int:
-        import pyarrow.dataset as ds
-
-        cols = ["parent", "parent_raw", "name", "name_raw", "type", "mode", "ino", "dev", "nlink", "uid", "gid", "size",
-                "mtime_ns", "ctime_ns", "atime_ns", "blocks"]
-        try:
-            self._status(r)
-            table = ds.dataset(r["out"], format="parquet").to_table(columns=cols).to_pydict()
-        finally:
-            self._remove(r["out"])
-        if "error" in table["type"]:
-            raise Mismatch("Parquet dataset: rows of type 'error'")
-        stat_cols = ("mode", "ino", "dev", "nlink", "uid", "gid", "size", "mtime_ns", "ctime_ns", "atime_ns", "blocks")
-        if any(v is None for c in stat_cols for v in table[c]):
-            raise Mismatch("Parquet dataset: a row without every stat field")
-        key = stat_key
-        pairs = []
-        for parent, parent_raw, name, name_raw, mode, ino, dev, nlink, uid, gid, size, mtime, ctime in zip(
-                table["parent"], table["parent_raw"], table["name"], table["name_raw"], table["mode"], table["ino"],
-                table["dev"], table["nlink"], table["uid"], table["gid"], table["size"], table["mtime_ns"],
-                table["ctime_ns"], strict=True):
-            p = parent_raw if parent_raw is not None else parent.encode("utf-8")
-            n = name_raw if name_raw is not None else name.encode("utf-8")
-            pairs.append((p + n if p.endswith(b"/") else p + b"/" + n,
-                          key(mode, ino, dev, nlink, uid, gid, size, mtime, ctime)))
-        return self._compare("Parquet dataset", pairs)
-
+        return self._check("Parquet dataset", r)

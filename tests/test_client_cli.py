@@ -4,10 +4,8 @@ script against real agents on loopback, its output checked against the local fil
 
 from __future__ import annotations
 
-import base64
-import csv
+import errno
 import fnmatch
-import io
 import os
 import pwd
 import shutil
@@ -21,8 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
-import msgspec
 import pytest
+
+from walk_records import expected_row, key, read_csv, read_ndjson
+from walk_records import path as raw_path
 
 from conftest import (
     HAVE_SETPRIV,
@@ -39,10 +39,6 @@ from conftest import (
 )
 
 SCRIPT = Path(sys.executable).with_name("diskover-agent")
-FIELDS = ["path", "path_b64", "name", "type", "target_type", "size", "allocated", "blocks", "mode", "uid", "gid",
-          "inode", "nlink", "dev", "atime", "mtime", "ctime", "atime_ns", "mtime_ns", "ctime_ns"]
-TYPES = {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo",
-         stat.S_IFSOCK: "socket", stat.S_IFCHR: "char", stat.S_IFBLK: "block"}
 RB = REMOTE.encode()
 
 
@@ -89,28 +85,6 @@ def remote_of(local_top: Path, path: bytes) -> bytes:
     return RB + path[len(lb):]
 
 
-def expected_record(remote: bytes, local: bytes) -> dict:
-    st = os.lstat(local)
-    kind = TYPES.get(stat.S_IFMT(st.st_mode), "unknown")
-    target = None
-    if kind == "symlink":
-        try:
-            target = TYPES.get(stat.S_IFMT(os.stat(local).st_mode), "unknown")
-        except OSError:
-            target = None
-    try:
-        path, b64 = remote.decode("utf-8"), None
-    except UnicodeDecodeError:
-        path, b64 = remote.decode("utf-8", "replace"), base64.b64encode(remote).decode()
-    return {
-        "path": path, "path_b64": b64, "name": os.path.basename(remote).decode("utf-8", "replace"),
-        "type": kind, "target_type": target, "size": st.st_size, "allocated": st.st_blocks * 512,
-        "blocks": st.st_blocks, "mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid, "inode": st.st_ino,
-        "nlink": st.st_nlink, "dev": st.st_dev, "atime": st.st_atime, "mtime": st.st_mtime, "ctime": st.st_ctime,
-        "atime_ns": st.st_atime_ns, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
-    }
-
-
 def excluded(name: bytes, remote: bytes, patterns: list[str]) -> bool:
     for p in map(os.fsencode, patterns):
         if fnmatch.fnmatchcase(remote if b"/" in p else name, p):
@@ -134,16 +108,13 @@ def local_walk(top: Path, maxdepth: Optional[int] = None, exclude: tuple[str, ..
                 continue
         for name in names:
             remote = rroot + b"/" + name
-            out[remote] = expected_record(remote, os.path.join(root, name))
+            out[remote] = expected_row(rroot, name, os.path.join(root, name))
     return out
 
 
-def raw_path(record: dict) -> bytes:
-    return base64.b64decode(record["path_b64"]) if record["path_b64"] is not None else record["path"].encode()
-
-
 def parse_ndjson(data: bytes) -> dict[bytes, dict]:
-    records = [msgspec.json.decode(line) for line in data.splitlines()]
+    """NDJSON walk records by the exact path of their entry (every key in the documented order)."""
+    records = read_ndjson(data)
     by_path = {raw_path(r): r for r in records}
     assert len(by_path) == len(records), "an entry was written twice"
     return by_path
@@ -271,13 +242,12 @@ def test_walk_ndjson_equals_local_walk(tmp_path, start_agent):
     assert got.keys() == want.keys()
     for path in want:
         assert got[path] == want[path], path
-    assert list(next(iter(got.values()))) == FIELDS  # key order is the documented column order
-    bad = RB + b"/bad\xff\xfename/inner\xff"
-    assert got[bad]["path"] == f"{REMOTE}/bad\ufffd\ufffdname/inner\ufffd"
-    assert base64.b64decode(got[bad]["path_b64"]) == bad
+    bad = got[RB + b"/bad\xff\xfename/inner\xff"]
+    assert (bad["parent"], bad["name"]) == (f"{REMOTE}/bad\ufffd\ufffdname", "inner\ufffd")
+    assert (bad["parent_raw"], bad["name_raw"]) == (RB + b"/bad\xff\xfename", b"inner\xff")
     assert got[RB + b"/link-to-dir"]["target_type"] == "dir"
     assert got[RB + b"/dangling"]["target_type"] is None
-    assert got[RB + b"/plain/hl1"]["allocated"] == got[RB + b"/plain/hl1"]["blocks"] * 512
+    assert '"name_raw":"aW5uZXL/"' in r.stdout.decode("utf-8")  # the exact bytes, base64
     # the summary line
     assert r.stderr.count(b"\n") == 1
     assert r.stderr.startswith(f"diskover-agent: {1 + sum(r['type'] == 'dir' for r in want.values())} directories, "
@@ -290,15 +260,11 @@ def test_walk_csv_to_file_equals_local_walk(tmp_path, start_agent):
     out = tmp_path / "walk.csv"
     r = cli("--hosts", agent.hostspec, "-q", "walk", "--format", "csv", "-o", str(out), REMOTE)
     assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
-    rows = list(csv.reader(io.StringIO(out.read_text(encoding="utf-8"), newline="")))
-    assert rows[0] == FIELDS
-    got = {}
-    for row in rows[1:]:
-        rec = dict(zip(FIELDS, row, strict=True))
-        got[base64.b64decode(rec["path_b64"]) if rec["path_b64"] else rec["path"].encode()] = rec
-    assert len(got) == len(rows) - 1
-    want = {p: {k: "" if v is None else str(v) for k, v in rec.items()} for p, rec in local_walk(top).items()}
-    assert got == want
+    rows = read_csv(out.read_bytes())  # the header is the documented columns
+    got = {raw_path(row): row for row in rows}
+    assert len(got) == len(rows)
+    assert got == local_walk(top)
+    assert b",aW5uZXL/," in out.read_bytes()  # a name that is not UTF-8: its exact bytes, base64
 
 
 @pytest.mark.parametrize(("maxdepth", "exclude"), [
@@ -335,8 +301,17 @@ def test_walk_unreadable_directories_exit_1(awkward_tree, start_agent):
     for num, path in errors:
         assert f"diskover-agent: {path.decode()}: {os.strerror(num)}" in lines
     assert lines[-1].startswith("diskover-agent: ") and f"{len(errors)} error" in lines[-1]
-    got = parse_ndjson(r.stdout)
+    rows = read_ndjson(r.stdout)
+    got = {raw_path(row): row for row in rows if row["type"] != "error"}
+    assert len(got) + len(errors) == len(rows)
     assert got.keys() == {os.path.join(root, n) for root, dirs, files in walked for n in dirs + files}
+    # each directory that failed is a row too, as in the dataset
+    failed = sorted((row["error_errno"], key(row)[0]) for row in rows if row["type"] == "error")
+    assert failed == sorted(errors)
+    for row in rows:
+        if row["type"] == "error":
+            assert (row["name"], row["error_code"], row["error_message"]) == (
+                "", errno.errorcode[row["error_errno"]], os.strerror(row["error_errno"]))
     # entries of a directory that can be read but not searched are listed without their stat
     child = got[RB + b"/noexec/child"]
     assert child["type"] == "dir" and child["size"] is None and child["mtime_ns"] is None
@@ -593,7 +568,7 @@ def test_ctrl_c_exits_130_cleanly(wide_tree, start_agent):
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
     assert proc.stdout is not None
     first = proc.stdout.readline()  # it is walking; ~1.8 MB more to write is more than a pipe holds
-    assert first.startswith(b'{"path":')
+    assert first.startswith(b'{"parent":')
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 130, err
@@ -606,7 +581,7 @@ def test_closed_output_pipe_exits_quietly(wide_tree, start_agent):
     proc = subprocess.Popen([str(SCRIPT), "--hosts", agent.hostspec, "walk", REMOTE], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
     assert proc.stdout is not None and proc.stderr is not None
-    assert proc.stdout.readline().startswith(b'{"path":')
+    assert proc.stdout.readline().startswith(b'{"parent":')
     proc.stdout.close()  # like `| head -1`
     err = proc.stderr.read()
     assert proc.wait(20) == 141

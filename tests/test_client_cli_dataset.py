@@ -6,76 +6,35 @@ read back with pyarrow (and DuckDB) to compare every column of every row with ``
 from __future__ import annotations
 
 import errno
-import json
 import os
-import stat
 from pathlib import Path
 
 import pytest
 
-from test_client_cli import TYPES, cli, hosts_of, readable_tree, remote_of
+from test_client_cli import cli, hosts_of, readable_tree
+from walk_records import STAT, expected_rows, key, read_dataset
 
 from conftest import HAVE_SETPRIV, IS_ROOT, NO_SETPRIV, REMOTE, reference_walk
 
 pq = pytest.importorskip("pyarrow.parquet")
 
-from diskover_agent.dataset import COLUMNS, MANIFEST, DatasetWriter  # noqa: E402
+from diskover_agent.dataset import DatasetWriter  # noqa: E402
 from diskover_agent.walk import Walker  # noqa: E402
 
 RB = REMOTE.encode()
 
 
-def _text(raw: bytes) -> tuple[str, bytes | None]:
-    try:
-        return raw.decode("utf-8"), None
-    except UnicodeDecodeError:
-        return raw.decode("utf-8", "replace"), raw
-
-
-def expected_rows(top: Path) -> dict[tuple[bytes, bytes], dict]:
-    """Every row the dataset must hold, by (remote parent, name): os.walk + lstat of the local tree."""
-    out = {}
-    for root, dirs, files in os.walk(os.fsencode(top)):
-        parent = remote_of(top, root)
-        for name in dirs + files:
-            local = os.path.join(root, name)
-            st = os.lstat(local)
-            kind = TYPES.get(stat.S_IFMT(st.st_mode), "unknown")
-            target = None
-            if kind == "symlink":
-                try:
-                    target = TYPES.get(stat.S_IFMT(os.stat(local).st_mode), "unknown")
-                except OSError:
-                    target = None
-            parent_text, parent_raw = _text(parent)
-            name_text, name_raw = _text(name)
-            out[(parent, name)] = {
-                "parent": parent_text, "parent_raw": parent_raw, "name": name_text, "name_raw": name_raw,
-                "type": kind, "symlink": kind == "symlink", "target_type": target,
-                "mode": st.st_mode, "ino": st.st_ino, "dev": st.st_dev, "nlink": st.st_nlink, "uid": st.st_uid,
-                "gid": st.st_gid, "size": st.st_size, "atime_ns": st.st_atime_ns, "mtime_ns": st.st_mtime_ns,
-                "ctime_ns": st.st_ctime_ns, "blocks": st.st_blocks,
-                "error_errno": None, "error_code": None, "error_message": None,
-            }
-    return out
-
-
-def read_dataset(out: Path) -> tuple[dict, dict[tuple[bytes, bytes], dict], list[dict]]:
+def read_rows(out: Path) -> tuple[dict, dict[tuple[bytes, bytes], dict], list[dict]]:
     """The manifest, the entry rows by (parent bytes, name bytes), and the error rows; checks
-    that the partitions on disk are the manifest's and that no entry is written twice."""
-    manifest = json.loads((out / MANIFEST).read_text())
-    assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["files"], MANIFEST])
+    that no entry is written twice."""
+    manifest, all_rows = read_dataset(out)
     rows, errors = {}, []
-    for name in manifest["files"]:
-        table = pq.read_table(out / name)
-        assert table.column_names == list(COLUMNS)
-        for row in table.to_pylist():
-            if row["type"] == "error":
-                errors.append(row)
-                continue
-            key = (row["parent_raw"] or row["parent"].encode(), row["name_raw"] or row["name"].encode())
-            assert key not in rows, f"written twice: {key}"
-            rows[key] = row
+    for row in all_rows:
+        if row["type"] == "error":
+            errors.append(row)
+            continue
+        assert key(row) not in rows, f"written twice: {key(row)}"
+        rows[key(row)] = row
     return manifest, rows, errors
 
 
@@ -85,12 +44,12 @@ def test_walk_parquet_dataset_equals_local_walk(tmp_path, start_agent):
     out = tmp_path / "ds"
     r = cli("--hosts", hosts_of(a, b), "walk", "--format", "parquet", "-o", str(out), REMOTE)
     assert r.returncode == 0, r.stderr
-    manifest, got, errors = read_dataset(out)
-    want = expected_rows(top)
+    manifest, got, errors = read_rows(out)
+    want = expected_rows(top, RB)
     assert errors == []
     assert got.keys() == want.keys()
-    for key in want:
-        assert got[key] == want[key], key
+    for k in want:
+        assert got[k] == want[k], k
     assert got[(RB + b"/bad\xff\xfename", b"inner\xff")]["parent"] == f"{REMOTE}/bad\ufffd\ufffdname"
     assert got[(RB, b"link-to-dir")]["target_type"] == "dir"
     files = [w for w in want.values() if w["type"] == "file"]
@@ -117,14 +76,14 @@ def test_walk_parquet_unreadable_directories_are_error_rows(awkward_tree, start_
     assert r.returncode == 1, r.stderr
     walked, failed = reference_walk(awkward_tree)
     assert failed, "the tree has unreadable directories"
-    manifest, got, errors = read_dataset(out)
+    manifest, got, errors = read_rows(out)
     assert got.keys() == {(root, n) for root, dirs, files in walked for n in dirs + files}
     assert sorted((e["error_errno"], e["parent_raw"] or e["parent"].encode()) for e in errors) == sorted(
         (num, path) for num, path in failed)
     for e in errors:
         assert (e["name"], e["error_code"], e["error_message"]) == (
             "", errno.errorcode[e["error_errno"]], os.strerror(e["error_errno"]))
-        assert all(e[c] is None for c in ("name_raw", "target_type", *COLUMNS[7:18])) and e["symlink"] is False
+        assert all(e[c] is None for c in ("name_raw", "target_type", *STAT))
     assert manifest["errors"] == len(failed)
     # entries of a directory that can be read but not searched are listed without their stat
     child = got[(RB + b"/noexec", b"child")]
@@ -144,8 +103,8 @@ def test_dataset_writer_cuts_partitions_and_keeps_every_row_once(tmp_path, start
         writer.add_dir(d.path, d.entries)
         listed += len(d.entries)
     summary = writer.close(1.5)
-    manifest, got, errors = read_dataset(out)
-    want = expected_rows(top)
+    manifest, got, errors = read_rows(out)
+    want = expected_rows(top, RB)
     assert got == want and errors == []
     assert len(summary.files) > 3
     assert manifest["entries"] == listed == len(want) and manifest["seconds"] == 1.5
@@ -156,7 +115,7 @@ def test_dataset_writer_cuts_partitions_and_keeps_every_row_once(tmp_path, start
 def test_dataset_writer_empty_walk_has_one_empty_partition(tmp_path):
     out = tmp_path / "ds"
     summary = DatasetWriter(str(out), REMOTE).close(0.0)
-    manifest, got, errors = read_dataset(out)
+    manifest, got, errors = read_rows(out)
     assert len(summary.files) == 1 and got == {} and errors == [] and manifest["entries"] == 0
 
 
@@ -173,3 +132,21 @@ def test_walk_parquet_usage_errors(tmp_path, start_agent):
     blocker.write_bytes(b"")
     r = cli("--hosts", agent.hostspec, "walk", "--format", "parquet", "-o", str(blocker), REMOTE)
     assert r.returncode == 2 and b"cannot write" in r.stderr
+
+
+def test_report_reads_walk_files_and_refuses_other_files(tmp_path):
+    """``report FILE`` reads what ``walk -o FILE`` writes (an empty walk too); anything else is
+    one line and exit 2, no traceback."""
+    pytest.importorskip("duckdb")
+    empty = tmp_path / "empty.ndjson"
+    empty.write_bytes(b"")
+    r = cli("report", str(empty), "totals")
+    assert (r.returncode, r.stdout) == (0, b"# totals\nfiles\tdirs\tbytes\tallocated\terrors\n0\t0\t0\t0\t0\n")
+    junk = tmp_path / "junk.txt"
+    junk.write_bytes(b"hello\n")
+    (tmp_path / "no-partitions").mkdir()
+    for path, says in ((junk, b"not a walk's output"), (tmp_path / "nope", b"No such file or directory"),
+                       (tmp_path / "no-partitions", b"no partitions")):
+        r = cli("report", str(path), "totals")
+        assert (r.returncode, r.stdout) == (2, b""), r.stderr
+        assert r.stderr.startswith(b"diskover-agent: ") and r.stderr.count(b"\n") == 1 and says in r.stderr, r.stderr

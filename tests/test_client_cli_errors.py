@@ -15,9 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import msgspec
 import psutil
 import pytest
+
+import walk_records
 
 from conftest import REMOTE, cli_env, drain_pty, open_pty, reference_walk, wait_for
 
@@ -267,8 +268,8 @@ def test_host_killed_mid_walk_is_named_when_set_aside_and_in_the_summary(tree, t
     assert len(summary) == 1 and summary[0].startswith("diskover-agent: 21 directories, 5,020 entries, "), rest
     assert summary[0].endswith(f"1/2 hosts, set aside (not answering): {doomed.hostspec})")
     walked, _ = reference_walk(tree, nocaps=False)
-    paths = [msgspec.json.decode(line)["path"] for line in out.read_bytes().splitlines()]
-    want = sorted(os.fsdecode(os.path.join(r, n)) for r, d, f in walked for n in d + f)
+    paths = [walk_records.path(row) for row in walk_records.read_ndjson(out.read_bytes())]
+    want = sorted(os.path.join(r, n) for r, d, f in walked for n in d + f)
     assert sorted(paths) == want  # every entry once
 
 
@@ -322,7 +323,7 @@ def test_progress_leaves_nothing_behind_when_the_output_is_closed_early(tree, st
     agent = start_agent([(REMOTE, str(tree))])
     rc, first, seen = on_terminal(["--hosts", agent.hostspec, "walk", REMOTE], read_first_line=True, columns=40)
     assert rc == 141
-    assert first.startswith(b'{"path":"/mnt/isilon/d')
+    assert first.startswith(b'{"parent":"/mnt/isilon')
     assert b"0 dirs (" in seen  # the line was shown
     assert b"Traceback" not in seen and b"Exception" not in seen
     assert all(line == "" for line in screen(seen, 40)), screen(seen, 40)
@@ -349,4 +350,4 @@ def test_report_of_a_damaged_dataset_is_one_line(tmp_path):
     """A partition that is not Parquet: the dataset is named, status 2, no DuckDB traceback."""
     (tmp_path / "part-000000.parquet").write_bytes(b"not parquet at all\n" * 10)
     line = one_line(cli("report", str(tmp_path)))
-    assert line.startswith(f"diskover-agent: {tmp_path}: cannot be read as a walk dataset: "), line
+    assert line.startswith(f"diskover-agent: {tmp_path}: not a walk's output ("), line

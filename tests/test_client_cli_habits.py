@@ -15,6 +15,8 @@ from typing import Optional
 
 import pytest
 
+import walk_records
+
 from conftest import IS_ROOT, REMOTE, cli_env, settle_atimes
 
 SCRIPT = Path(sys.executable).with_name("diskover-agent")
@@ -266,7 +268,7 @@ def test_env_exclusions_add_to_the_options(agent, tree):
     def walked(*args: str, env: dict[str, str] = env) -> set[bytes]:
         r = cli("-q", "walk", "--format", "csv", REMOTE, *args, env=env)
         assert r.returncode == 0, r.stderr
-        return {line.split(b",", 1)[0] for line in r.stdout.splitlines()[1:]}
+        return {walk_records.path(row) for row in walk_records.read_csv(r.stdout)}
 
     everything = walked(env=cli_env(DISKOVER_AGENT_HOSTS=agent.hostspec))
     assert len(everything) == 12
@@ -289,10 +291,14 @@ def test_env_one_fs(tree, start_agent):
         agent = start_agent([(REMOTE, str(tree))])
         env = cli_env(DISKOVER_AGENT_HOSTS=agent.hostspec)
         inside = RB + b"/b/mnt/inside"
-        assert inside in cli("-q", "walk", REMOTE, env=env).stdout
-        out = cli("-q", "walk", REMOTE, env={**env, "DISKOVER_AGENT_ONE_FS": "1"}).stdout
-        assert inside not in out and RB + b"/b/four" in out
-        assert inside not in cli("-q", "walk", "-x", REMOTE, env=env).stdout
+
+        def walked(*args: str, **extra: str) -> set[bytes]:
+            out = cli("-q", "walk", *args, REMOTE, env={**env, **extra}).stdout
+            return {walk_records.path(row) for row in walk_records.read_ndjson(out)}
+
+        assert inside in walked()
+        assert inside not in walked(DISKOVER_AGENT_ONE_FS="1") and RB + b"/b/four" in walked(DISKOVER_AGENT_ONE_FS="1")
+        assert inside not in walked("-x")
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
 

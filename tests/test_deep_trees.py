@@ -26,6 +26,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+import walk_records
 from diskover_agent import parallel_walk
 from diskover_agent.protocol import FRONTIER_FRAME_BYTES, MAX_PATH, WalkRequest, encode_walk_request
 
@@ -225,8 +226,8 @@ def test_cli_walk_deep_tree_exits_0(deep_tree, start_agent, tmp_path):
                           capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-500:]
     expected = fwalk_reference(deep_tree)
-    written = {json.loads(line)["path"] for line in out.read_text().splitlines()}
-    assert written == {os.fsdecode(r + b"/" + n) for r, d, f in expected for n in d + f}
+    written = {walk_records.path(row) for row in walk_records.read_ndjson(out.read_bytes())}
+    assert written == {r + b"/" + n for r, d, f in expected for n in d + f}
 
 
 def test_cli_walk_past_max_path_exits_1_naming_it(too_deep_tree, start_agent, tmp_path):
@@ -237,8 +238,10 @@ def test_cli_walk_past_max_path_exits_1_naming_it(too_deep_tree, start_agent, tm
                           capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
     assert done.returncode == 1, done.stderr[-500:]
     assert b"diskover-agent: " + too_long + b": File name too long" in done.stderr
-    written = {json.loads(line)["path"] for line in out.read_text().splitlines()}
-    assert os.fsdecode(sibling + b"/f") in written
+    rows = walk_records.read_ndjson(out.read_bytes())
+    assert sibling + b"/f" in {walk_records.path(row) for row in rows if row["type"] != "error"}
+    assert [(walk_records.key(row), row["error_code"]) for row in rows if row["type"] == "error"] == [
+        ((too_long, b""), "ENAMETOOLONG")]  # the directory that failed, as a row
 
 
 # -- 2. bounded frames and memory for any fan-out ---------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import walk_records
 from diskover_agent import AgentConnection, parallel_walk, parallel_walk_entries
 from diskover_agent.errors import AgentError
 
@@ -144,7 +145,11 @@ def test_cli_names_a_refused_path_and_exits_1(agent, path):
         lines = r.stderr.decode().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"diskover-agent: {path}: "), (command, lines)
         assert "HTTP" not in lines[0] and "Traceback" not in lines[0]
-        assert r.stdout.strip() in (b"", b"0\t0\t" + path.encode() + b"\n0\t0\ttotal")
+        if command == ["walk"]:  # the top that failed is the walk's one record, an error record
+            [row] = walk_records.read_ndjson(r.stdout)
+            assert (row["type"], row["parent"], row["name"], row["error_code"]) == ("error", path, "", "EACCES"), row
+        else:
+            assert r.stdout.strip() in (b"", b"0\t0\t" + path.encode() + b"\n0\t0\ttotal")
 
 
 def test_refusals_not_about_a_path_stay_agent_errors(tree, start_agent, tmp_path):

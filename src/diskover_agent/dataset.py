@@ -1,28 +1,6 @@
 """The walk as a dataset: one row per entry (and per directory that failed), written
-as Parquet (pyarrow) or NDJSON partitions.
-
-Schema (every partition the same):
-
-=============== ========= ====================================================
-column          type      meaning
-=============== ========= ====================================================
-parent          string    the directory holding the entry (remote path, UTF-8;
-                          bytes that are not UTF-8 replaced by U+FFFD)
-parent_raw      binary    the exact bytes of ``parent`` when they are not UTF-8
-name            string    the entry's name (as ``parent``)
-name_raw        binary    the exact bytes of ``name`` when they are not UTF-8
-type            string    file, dir, symlink, fifo, socket, char, block,
-                          unknown; ``error`` for a directory that failed
-symlink         bool      the entry is a symlink
-target_type     string    what a symlink points to (null when dangling)
-mode ino dev    uint64 /  the entry's lstat fields; ``*_ns`` times in
-nlink uid gid   int64     nanoseconds since the epoch
-size blocks
-atime_ns ...
-error_errno     int32     for ``error`` rows: errno, its name and message;
-error_code      string    ``parent`` is then the directory that failed and
-error_message   string    ``name`` is empty
-=============== ========= ====================================================
+as Parquet (pyarrow) or NDJSON partitions, in the columns of :mod:`diskover_agent.schema`
+(every partition the same).
 """
 
 from __future__ import annotations
@@ -33,55 +11,15 @@ import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
-import msgspec
+from . import schema
+from .protocol import Entry
 
-from .protocol import KIND_FILE, KIND_NAMES, KIND_SYMLINK, Entry, errno_name
-
-TYPES = KIND_NAMES
 FORMATS = ("parquet", "ndjson")
-_STAT_COLUMNS = ("mode", "ino", "dev", "nlink", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns", "blocks")
-COLUMNS = ("parent", "parent_raw", "name", "name_raw", "type", "symlink", "target_type", *_STAT_COLUMNS,
-           "error_errno", "error_code", "error_message")
 #: A dataset's partition files are named ``PART_PREFIX``..., beside the ``MANIFEST`` (the summary).
 PART_PREFIX = "part-"
 MANIFEST = "_walk.json"
-
-
-def arrow_schema() -> Any:
-    import pyarrow as pa
-
-    u64, i64 = pa.uint64(), pa.int64()
-    stat_types = {"mode": i64, "ino": u64, "dev": u64, "nlink": i64, "uid": i64, "gid": i64, "size": i64,
-                  "atime_ns": i64, "mtime_ns": i64, "ctime_ns": i64, "blocks": i64}
-    return pa.schema([
-        ("parent", pa.string()), ("parent_raw", pa.binary()), ("name", pa.string()), ("name_raw", pa.binary()),
-        ("type", pa.string()), ("symlink", pa.bool_()), ("target_type", pa.string()),
-        *((c, stat_types[c]) for c in _STAT_COLUMNS),
-        ("error_errno", pa.int32()), ("error_code", pa.string()), ("error_message", pa.string()),
-    ])
-
-
-def _text(raw: bytes) -> tuple[str, Optional[bytes]]:
-    try:
-        return raw.decode("utf-8"), None
-    except UnicodeDecodeError:
-        return raw.decode("utf-8", "replace"), raw
-
-
-def texts(names: Sequence[bytes]) -> tuple[list[str], list[Optional[bytes]]]:
-    """``names`` as UTF-8 text (bytes that are not UTF-8 replaced by U+FFFD), and each one's
-    exact bytes where it is not UTF-8 (else None). Names hold no ``/`` (the wire's rule), so
-    one decode of them all, joined by ``/``, does when every one is UTF-8."""
-    try:
-        decoded = b"/".join(names).decode("utf-8").split("/")
-        if len(decoded) == len(names):
-            return decoded, [None] * len(names)
-    except UnicodeDecodeError:
-        pass
-    pairs = [_text(n) for n in names]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 @dataclass
@@ -116,35 +54,6 @@ def write_manifest(summary: WalkSummary) -> None:
         json.dump(asdict(summary), f, indent=1)
 
 
-class _Row(msgspec.Struct, gc=False):
-    """One row of an NDJSON partition (keys in :data:`COLUMNS` order; bytes as base64)."""
-
-    parent: str
-    parent_raw: Optional[bytes]
-    name: str
-    name_raw: Optional[bytes]
-    type: str
-    symlink: bool
-    target_type: Optional[str]
-    mode: Optional[int]
-    ino: Optional[int]
-    dev: Optional[int]
-    nlink: Optional[int]
-    uid: Optional[int]
-    gid: Optional[int]
-    size: Optional[int]
-    atime_ns: Optional[int]
-    mtime_ns: Optional[int]
-    ctime_ns: Optional[int]
-    blocks: Optional[int]
-    error_errno: Optional[int]
-    error_code: Optional[str]
-    error_message: Optional[str]
-
-
-assert _Row.__struct_fields__ == COLUMNS
-
-
 class Rows:
     """A partition being filled, one directory at a time; its columns are built when written."""
 
@@ -154,7 +63,7 @@ class Rows:
         self.entries = 0
         self.dirs = 0
         self.errors = 0
-        #: Bytes in files (``st_size``), known once the rows are written.
+        #: Bytes in files (``st_size``).
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -163,72 +72,21 @@ class Rows:
     def add_dir(self, path: bytes, entries: Sequence[Entry]) -> None:
         self.dirs += 1
         self.entries += len(entries)
+        self.bytes += schema.file_bytes(entries)
         self._dirs.append((path, entries))
 
     def add_error(self, path: bytes, error: OSError) -> None:
         self.errors += 1
         self._errors.append((path, error))
 
-    def _entry_columns(self) -> tuple[dict[str, list[Any]], list[Optional[tuple[int, ...]]]]:
-        """The columns of the entry rows (directory by directory) but the stat columns, and
-        each entry's stat record (None when it has none)."""
-        entries = [e for _, es in self._dirs for e in es]
-        kinds = [e.kind for e in entries]
-        parent: list[str] = []
-        parent_raw: list[Optional[bytes]] = []
-        name: list[str] = []
-        name_raw: list[Optional[bytes]] = []
-        for path, es in self._dirs:
-            text, raw = _text(path)
-            parent += [text] * len(es)
-            parent_raw += [raw] * len(es)
-            names, raws = texts([e.name for e in es])
-            name += names
-            name_raw += raws
-        none = [None] * len(entries)
-        cols: dict[str, list[Any]] = {
-            "parent": parent, "parent_raw": parent_raw, "name": name, "name_raw": name_raw,
-            "type": [TYPES.get(k, "unknown") for k in kinds], "symlink": [k == KIND_SYMLINK for k in kinds],
-            "target_type": [TYPES.get(e.target) if e.target is not None else None for e in entries],
-            "error_errno": none, "error_code": none, "error_message": none,
-        }
-        stats = [e.stat for e in entries]
-        self.bytes = sum([st[6] for e in entries if e.kind == KIND_FILE and (st := e.stat) is not None])
-        return cols, stats
-
-    def _error_columns(self) -> dict[str, list[Any]]:
-        cols: dict[str, list[Any]] = {c: [] for c in COLUMNS}
-        for path, error in self._errors:
-            text, raw = _text(path)
-            row = dict.fromkeys(COLUMNS)
-            row.update(parent=text, parent_raw=raw, name="", type="error", symlink=False,
-                       error_errno=error.errno, error_code=errno_name(error.errno), error_message=error.strerror)
-            for c in COLUMNS:
-                cols[c].append(row[c])
-        return cols
-
-    def columns(self) -> dict[str, list[Any]]:
-        """Every column, as Python values: the entries, directory by directory, then the error rows."""
-        cols, stats = self._entry_columns()
-        for i, col in enumerate(_STAT_COLUMNS):  # the wire's stat record holds them first, in this order
-            cols[col] = [st[i] if st is not None else None for st in stats]
-        errors = self._error_columns()
-        return {c: cols[c] + errors[c] for c in COLUMNS}
+    def rows(self) -> list[schema.Row]:
+        """Every row: the entries, directory by directory, then the error rows."""
+        rows = [r for path, es in self._dirs for r in schema.entry_rows(path, es)]
+        return rows + [schema.error_row(path, error) for path, error in self._errors]
 
     def table(self) -> Any:
-        """The rows as an Arrow table of :func:`arrow_schema`, in the order of :meth:`columns`."""
-        import pyarrow as pa
-
-        schema = arrow_schema()
-        cols, stats = self._entry_columns()
-        # the stat records become their columns in Arrow's C++, not field by field in Python
-        record = pa.struct([schema.field(c) for c in _STAT_COLUMNS] + [("blksize", pa.int64()), ("rdev", pa.uint64())])
-        for col, values in zip(_STAT_COLUMNS, pa.array(stats, type=record).flatten(), strict=False):
-            cols[col] = values
-        table = pa.Table.from_pydict({c: cols[c] for c in COLUMNS}, schema=schema)
-        if self._errors:
-            table = pa.concat_tables([table, pa.Table.from_pydict(self._error_columns(), schema=schema)])
-        return table
+        """The rows, in the order of :meth:`rows`, as an Arrow table (:func:`~.schema.arrow_table`)."""
+        return schema.arrow_table(self._dirs, self._errors)
 
     def write(self, directory: str, stem: str, fmt: str) -> str:
         """Write the rows as one partition file (atomically); returns its name."""
@@ -242,10 +100,8 @@ class Rows:
 
             pq.write_table(self.table(), tmp, compression="zstd")
         else:
-            cols = self.columns()
-            rows = [_Row(*values) for values in zip(*(cols[c] for c in COLUMNS), strict=True)]
             with open(tmp, "wb") as f:
-                f.write(msgspec.json.Encoder().encode_lines(rows))
+                f.write(schema.ndjson(self.rows()))
         os.replace(tmp, final)
         return name
 

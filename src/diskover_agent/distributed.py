@@ -6,7 +6,7 @@ directories it did not reach; the driver turns those into new tasks, so the work
 spreads to every Dask worker early and no task grows without bound. A task that is
 lost with its worker is run again by Dask; only the partition named in a task's
 delivered result is kept, and partitions of lost runs are deleted at the end, so no
-entry is written twice. Needs ``pip install diskover-storage-agent[dask]``.
+entry is written twice. Needs the ``dask`` extra (``pip install '.[dask]'``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""What diskover users ask of an index, asked of a walk's dataset with DuckDB.
+"""What diskover users ask of an index, asked of a walk's output with DuckDB.
 
-Each query reads every partition of the dataset (``part-*.parquet`` or
-``part-*.ndjson``); ``{data}`` in the SQL stands for that relation.
+Each query reads every record of a dataset (every partition, ``part-*.parquet`` or
+``part-*.ndjson``) or of a ``walk -o FILE`` output (NDJSON or CSV): the same columns
+(:mod:`diskover_agent.schema`) with the same types; ``{data}`` in the SQL stands for that
+relation.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import glob
 import os
 from typing import Any
+
+from .schema import COLUMNS, DUCKDB_TYPES
 
 QUERIES: dict[str, str] = {
     # files, directories, apparent and allocated bytes, unreadable directories
@@ -37,25 +41,47 @@ QUERIES: dict[str, str] = {
 }
 
 
-def relation(dataset: str) -> str:
-    """The DuckDB table expression that reads every partition of a dataset directory."""
-    if glob.glob(os.path.join(dataset, "part-*.parquet")):
-        return f"read_parquet('{_quote(os.path.join(dataset, 'part-*.parquet'))}')"
-    if glob.glob(os.path.join(dataset, "part-*.ndjson")):
-        return f"read_json('{_quote(os.path.join(dataset, 'part-*.ndjson'))}', format='newline_delimited')"
-    raise FileNotFoundError(f"no partitions (part-*.parquet or part-*.ndjson) in {dataset}")
+#: The first line of a CSV output.
+CSV_HEADER = ",".join(COLUMNS).encode()
+
+
+def relation(output: str) -> str:
+    """The DuckDB table expression that reads every record of a walk's output: a dataset
+    directory (its partitions) or a file ``walk -o FILE`` wrote (NDJSON, or CSV: told apart
+    by its first line, the CSV header)."""
+    if os.path.isdir(output):
+        if glob.glob(os.path.join(output, "part-*.parquet")):
+            return f"read_parquet('{_quote(os.path.join(output, 'part-*.parquet'))}')"
+        if glob.glob(os.path.join(output, "part-*.ndjson")):
+            return _read_json(os.path.join(output, "part-*.ndjson"))
+        raise FileNotFoundError(f"no partitions (part-*.parquet or part-*.ndjson) in {output}")
+    with open(output, "rb") as f:  # FileNotFoundError, IsADirectoryError... as they are
+        first = f.read(len(CSV_HEADER) + 1)
+    if first == CSV_HEADER + b"\n":
+        # an empty name is '', not null, as NDJSON and Parquet have it (DuckDB's own force_not_null
+        # goes wrong when a query reads only some of the columns)
+        return ("(SELECT * REPLACE (coalesce(parent, '') AS parent, coalesce(name, '') AS name) FROM "
+                f"read_csv('{_quote(output)}', header=true, auto_detect=false, delim=',', quote='\"', "
+                f"escape='\"', columns={_columns()}))")
+    return _read_json(output)
+
+
+def _read_json(pattern: str) -> str:
+    return f"read_json('{_quote(pattern)}', format='newline_delimited', columns={_columns()})"
+
+
+def _columns() -> str:
+    """The columns of the text formats, with their DuckDB types (binary ones are base64 text)."""
+    return "{" + ", ".join(f"'{c}': '{t}'" for c, t in DUCKDB_TYPES.items()) + "}"
 
 
 def _quote(text: str) -> str:
     return text.replace("'", "''")
 
 
-class DatasetError(ValueError):
-    """A dataset that DuckDB cannot read as a walk's (damaged or foreign partitions)."""
-
-
 def run(dataset: str, name: str, limit: int = 10) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Run one of :data:`QUERIES`; returns (column names, rows)."""
+    """Run one of :data:`QUERIES` on a walk's output (:func:`relation`); returns (column names,
+    rows). ``ValueError`` when DuckDB cannot read it as one."""
     import duckdb
 
     sql = QUERIES[name].format(data=relation(dataset), limit=int(limit))
@@ -63,7 +89,7 @@ def run(dataset: str, name: str, limit: int = 10) -> tuple[list[str], list[tuple
     try:
         cur = con.execute(sql)
         return [d[0] for d in cur.description], cur.fetchall()
-    except duckdb.Error as exc:  # a partition that is not Parquet / NDJSON, or not of this schema
-        raise DatasetError(f"{dataset}: cannot be read as a walk dataset: {str(exc).splitlines()[0]}") from None
+    except duckdb.Error as exc:  # not a walk's output: a file of something else
+        raise ValueError(f"{dataset}: not a walk's output ({str(exc).splitlines()[0]})") from None
     finally:
         con.close()

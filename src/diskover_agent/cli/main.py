@@ -217,10 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_globals(ls, suppress=True)
 
     walk = sub.add_parser("walk", help="every entry of a tree, as NDJSON or CSV",
-                          description="Write every entry below PATH (not PATH itself), one record per entry: "
-                                      "path, path_b64 (the exact bytes, base64, when the path is not UTF-8), name, "
-                                      "type, target_type, size, allocated, blocks, mode, uid, gid, inode, nlink, "
-                                      "dev, atime, mtime, ctime and their *_ns.")
+                          description="Write every entry below PATH (not PATH itself), one record per entry, and "
+                                      "one per directory that could not be listed (type error), in the columns "
+                                      "of the README's table of the records: parent, parent_raw, name, name_raw "
+                                      "(the exact bytes, base64, when not UTF-8), type, target_type, mode, ino, "
+                                      "dev, nlink, uid, gid, size, atime_ns, mtime_ns, ctime_ns, blocks, "
+                                      "error_errno, error_code, error_message.")
     walk.add_argument("path", metavar="PATH", help=_PATH_HELP)
     walk.add_argument("-o", "--output", metavar="FILE",
                       help="write to FILE instead of stdout (with --format parquet or --dask: the dataset directory)")
@@ -256,10 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     du.add_argument("--help", action="help", help="show this help and exit")
     _add_globals(du, suppress=True)
 
-    rep = sub.add_parser("report", help="totals, largest directories, oldest files, owners of a walk's dataset",
-                         description="Query a dataset written by walk --dask (DuckDB): totals, largest_dirs, "
+    rep = sub.add_parser("report", help="totals, largest directories, oldest files, owners of a walk's output",
+                         description="Query a walk's output (DuckDB): a dataset (walk --format parquet or --dask "
+                                     "-o DIR) or a walk -o FILE (NDJSON or CSV): totals, largest_dirs, "
                                      "oldest_files, owners. Tab-separated, one section per query.")
-    rep.add_argument("dataset", metavar="DIR", help="the directory walk --dask -o wrote")
+    rep.add_argument("dataset", metavar="OUTPUT", help="the directory or the file walk -o wrote")
     rep.add_argument("query", nargs="?", choices=("totals", "largest_dirs", "oldest_files", "owners"),
                      help="one query (default: all)")
     rep.add_argument("--limit", type=_positive, default=10, help="rows per query (%(default)s)")

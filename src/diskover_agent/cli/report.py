@@ -9,19 +9,21 @@ from .common import UsageError, require_modules
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """``report DIR``: what a walk's dataset says, through DuckDB."""
+    """``report OUTPUT``: what a walk's dataset (or ``walk -o FILE`` output) says, through DuckDB."""
     require_modules("report", ["duckdb"])
     from .. import report
 
     names = [args.query] if args.query else list(report.QUERIES)
-    try:
-        for name in names:
+    for name in names:
+        try:
             columns, rows = report.run(args.dataset, name, args.limit)
-            print(f"# {name}")
-            print("\t".join(columns))
-            for row in rows:
-                print("\t".join("" if v is None else str(v) for v in row))
-        sys.stdout.flush()  # a write error surfaces here, as the command's, not at exit
-    except (FileNotFoundError, ImportError, report.DatasetError) as exc:
-        raise UsageError(str(exc)) from None
+        except (ValueError, ImportError) as exc:
+            raise UsageError(str(exc)) from None
+        except OSError as exc:  # reading it (writing the output is the command's, below)
+            raise UsageError(f"cannot read {args.dataset}: {exc.strerror or exc}") from None
+        print(f"# {name}")
+        print("\t".join(columns))
+        for row in rows:
+            print("\t".join("" if v is None else str(v) for v in row))
+    sys.stdout.flush()  # a write error surfaces here, as the command's, not at exit
     return 0
