@@ -478,3 +478,24 @@ def drain_pty(master: int) -> bytes:
     finally:
         os.close(master)
     return seen
+
+
+def write_tls_files(directory: Path, *names: str) -> None:
+    """``ca.pem``, and ``cert.pem`` + ``key.pem`` of a server certificate for ``names``
+    (127.0.0.1 by default) signed by that CA, in ``directory`` (skips without trustme)."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    server = ca.issue_cert(*(names or ("127.0.0.1",)))
+    server.private_key_pem.write_to_path(str(directory / "key.pem"))
+    server.cert_chain_pems[0].write_to_path(str(directory / "cert.pem"))
+
+
+def make_wide_tree(top: Path) -> Path:
+    """20 directories of 250 empty files: 5,020 entries (about 1.8 MB of NDJSON)."""
+    for d in range(20):
+        sub = top / f"d{d:02}"
+        sub.mkdir(parents=True)
+        for f in range(250):
+            (sub / f"file-{f:04}").write_bytes(b"")
+    return top

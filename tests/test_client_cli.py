@@ -32,10 +32,12 @@ from conftest import (
     cli_env,
     drain_pty,
     make_awkward_tree,
+    make_wide_tree,
     open_pty,
     reference_walk,
     settle_atimes,
     vary_owners_and_times,
+    write_tls_files,
 )
 
 SCRIPT = Path(sys.executable).with_name("diskover-agent")
@@ -527,13 +529,7 @@ def run_on_terminal(*args: str, stream: str = "stderr") -> tuple[int, bytes]:
 
 @pytest.fixture
 def wide_tree(tmp_path: Path) -> Path:
-    top = tmp_path / "wide"
-    for d in range(20):
-        sub = top / f"d{d:02}"
-        sub.mkdir(parents=True)
-        for f in range(250):
-            (sub / f"file-{f:04}").write_bytes(b"")
-    return top
+    return make_wide_tree(tmp_path / "wide")
 
 
 def test_progress_on_a_terminal_only(wide_tree, tmp_path, start_agent):
@@ -591,12 +587,7 @@ def test_closed_output_pipe_exits_quietly(wide_tree, start_agent):
 # -- TLS ---------------------------------------------------------------------------------------
 
 def test_tls_options(tmp_path, start_agent):
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    server.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    server.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    write_tls_files(tmp_path, "127.0.0.1", "localhost")
     top = tmp_path / "t"
     (top / "sub").mkdir(parents=True)
     agent = start_agent([(REMOTE, str(top))],

@@ -20,7 +20,7 @@ import pytest
 
 import walk_records
 
-from conftest import REMOTE, cli_env, drain_pty, open_pty, reference_walk, wait_for
+from conftest import REMOTE, cli_env, drain_pty, make_wide_tree, open_pty, reference_walk, wait_for, write_tls_files
 
 SCRIPT = Path(sys.executable).with_name("diskover-agent")
 AGENT_SCRIPT = Path(sys.executable).with_name("diskover-storage-agent")
@@ -43,14 +43,7 @@ def one_line(r: subprocess.CompletedProcess, status: int = 2) -> str:
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    """20 directories of 250 empty files: 5,020 entries, about 1.8 MB of NDJSON."""
-    top = tmp_path / "wide"
-    for d in range(20):
-        sub = top / f"d{d:02}"
-        sub.mkdir(parents=True)
-        for f in range(250):
-            (sub / f"file-{f:04}").write_bytes(b"")
-    return top
+    return make_wide_tree(tmp_path / "wide")
 
 
 @pytest.fixture
@@ -204,12 +197,7 @@ def test_missing_dask_extra_names_the_pip_install(tmp_path, dead_host):
 # -- TLS on one side only -------------------------------------------------------------------------
 
 def test_tls_on_one_side_only_says_add_or_remove_tls(tmp_path, start_agent):
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    write_tls_files(tmp_path)
     top = tmp_path / "t"
     (top / "sub").mkdir(parents=True)
     tls = start_agent([(REMOTE, str(top))], extra=("--tls-cert", str(tmp_path / "cert.pem"),

@@ -17,7 +17,7 @@ import pytest
 
 import walk_records
 
-from conftest import IS_ROOT, REMOTE, cli_env, settle_atimes
+from conftest import IS_ROOT, REMOTE, cli_env, settle_atimes, write_tls_files
 
 SCRIPT = Path(sys.executable).with_name("diskover-agent")
 AGENT_SCRIPT = Path(sys.executable).with_name("diskover-storage-agent")
@@ -110,12 +110,7 @@ def test_each_global_option_is_checked_the_same_after_the_subcommand(agent, opti
 
 
 def test_token_and_tls_options_after_the_subcommand(tmp_path, start_agent):
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    server = ca.issue_cert("127.0.0.1")
-    server.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    server.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    write_tls_files(tmp_path)
     (tmp_path / "token").write_text("s3cret-token\n")
     (tmp_path / "t" / "d").mkdir(parents=True)
     agent = start_agent([(REMOTE, str(tmp_path / "t"))], extra=(
@@ -235,12 +230,7 @@ def test_env_values_checked_as_the_scanner_checks_them(agent, name, value, messa
 
 
 def test_env_token_file_and_tls(tmp_path, start_agent):
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    server = ca.issue_cert("127.0.0.1")
-    server.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    server.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    write_tls_files(tmp_path)
     (tmp_path / "token").write_text("s3cret-token\n")
     (tmp_path / "wrong").write_text("wrong-token\n")
     (tmp_path / "t" / "d").mkdir(parents=True)
