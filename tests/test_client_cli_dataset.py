@@ -19,6 +19,7 @@ from conftest import HAVE_SETPRIV, IS_ROOT, NO_SETPRIV, REMOTE, reference_walk
 
 pq = pytest.importorskip("pyarrow.parquet")
 
+from diskover_agent.checkpoint import CHECKPOINT  # noqa: E402
 from diskover_agent.dataset import COLUMNS, MANIFEST, DatasetWriter  # noqa: E402
 from diskover_agent.walk import Walker  # noqa: E402
 
@@ -64,7 +65,7 @@ def read_dataset(out: Path) -> tuple[dict, dict[tuple[bytes, bytes], dict], list
     """The manifest, the entry rows by (parent bytes, name bytes), and the error rows; checks
     that the partitions on disk are the manifest's and that no entry is written twice."""
     manifest = json.loads((out / MANIFEST).read_text())
-    assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["files"], MANIFEST])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["files"], MANIFEST, CHECKPOINT])
     rows, errors = {}, []
     for name in manifest["files"]:
         table = pq.read_table(out / name)
@@ -168,7 +169,7 @@ def test_walk_parquet_usage_errors(tmp_path, start_agent):
     out = tmp_path / "ds"
     assert cli("--hosts", agent.hostspec, "-q", "walk", "--format", "parquet", "-o", str(out), REMOTE).returncode == 0
     again = cli("--hosts", agent.hostspec, "walk", "--format", "parquet", "-o", str(out), REMOTE)
-    assert again.returncode == 2 and b"already holds a walk's partitions" in again.stderr
+    assert again.returncode == 2 and b"already holds a walk's dataset: --resume continues" in again.stderr
     blocker = tmp_path / "a-file"
     blocker.write_bytes(b"")
     r = cli("--hosts", agent.hostspec, "walk", "--format", "parquet", "-o", str(blocker), REMOTE)

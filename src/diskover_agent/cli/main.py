@@ -212,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     walk.add_argument("--format", choices=("ndjson", "csv", "parquet"), default=None,
                       help="ndjson (default), csv, or parquet: a dataset of Parquet partitions in -o DIR, as "
                            "with --dask; with --dask: parquet (default) or ndjson partitions")
+    walk.add_argument("--resume", action="store_true",
+                      help="continue the interrupted walk whose dataset is in -o DIR (from its checkpoint), "
+                           "with the options it started with")
+    walk.add_argument("--overwrite", action="store_true",
+                      help="replace the walk's dataset in -o DIR (a non-empty DIR is refused without it)")
+    walk.add_argument("--partition-rows", type=_positive, default=200_000, metavar="N",
+                      help="rows per partition of a dataset, about (%(default)s): each one is committed "
+                           "with the checkpoint")
     walk.add_argument("--dask", metavar="SCHEDULER",
                       help="run the walk as Dask tasks on this scheduler (tcp://host:8786), or on a local "
                            "cluster of N worker processes (local:N); -o DIR receives the dataset")
@@ -303,6 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """The console script: parse, run one subcommand, return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     if getattr(args, "format", "") is None:
         args.format = "parquet" if args.dask is not None else "ndjson"
     ctx: Optional[Context] = None
