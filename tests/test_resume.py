@@ -177,7 +177,7 @@ def reference_after_gate(gated) -> dict:
         gated.gate_file.unlink()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_commits_and_says_how_to_resume(gated, agents, tmp_path, sig):
     want = reference_after_gate(gated)
     out = tmp_path / "ds"
