@@ -155,6 +155,15 @@ def test_sigkill_then_resume_lists_every_entry_once(gated, agents, tmp_path, poi
     (out / ".part-000999-0123456789ab.parquet.tmp").write_bytes(b"half a parquet file")
     stray = out / "part-000999-0123456789ab.parquet"
     stray.write_bytes((out / saved["summary"]["files"][0]).read_bytes())
+    # report reads what is committed, and says the dataset is incomplete
+    rep = cli("report", str(out), "totals")
+    assert rep.returncode == 0, rep.stderr
+    assert rep.stderr.decode() == (f"diskover-agent: {out}: INCOMPLETE (interrupted: walk ... --resume continues "
+                                   f"it), {len(committed):,} entries, 0 directories failed\n")
+    header, values = rep.stdout.decode().splitlines()[1:3]
+    totals = dict(zip(header.split("\t"), map(int, values.split("\t")), strict=True))
+    assert (totals["files"], totals["dirs"]) == (sum(t == "file" for *_k, t, _i in committed),
+                                                 sum(t == "dir" for *_k, t, _i in committed))
     gated.gate_file.touch()
     r = cli(*argv, "--resume", timeout=DEADLINE)
     assert r.returncode == 0, r.stderr
@@ -198,7 +207,10 @@ def test_signal_commits_and_says_how_to_resume(gated, agents, tmp_path, sig):
     gated.gate_file.touch()
     r = cli(*argv, "--resume", timeout=DEADLINE)
     assert r.returncode == 0, r.stderr
-    assert_exactly_once(out, want)
+    manifest = assert_exactly_once(out, want)
+    rep = cli("report", str(out), "totals")
+    assert rep.stderr.decode() == (f"diskover-agent: {out}: complete, {manifest['entries']:,} entries, "
+                                   "0 directories failed\n")
 
 
 def test_resume_refusals(gated, agents, tmp_path):

@@ -143,6 +143,7 @@ def dask_walk(
         if progress is not None:
             progress(summary, result)
     summary.seconds = time.monotonic() - start
+    summary.complete = True
     kept = set(summary.files)
     for name in os.listdir(output):  # partitions of runs whose result never arrived
         if (name.startswith(PART_PREFIX) or name.startswith(f".{PART_PREFIX}")) and name not in kept:

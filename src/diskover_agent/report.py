@@ -7,8 +7,12 @@ Each query reads every partition of the dataset (``part-*.parquet`` or
 from __future__ import annotations
 
 import glob
+import json
 import os
-from typing import Any
+from typing import Any, Optional
+
+from . import checkpoint
+from .dataset import MANIFEST
 
 QUERIES: dict[str, str] = {
     # files, directories, apparent and allocated bytes, unreadable directories
@@ -37,8 +41,33 @@ QUERIES: dict[str, str] = {
 }
 
 
+def status(dataset: str) -> Optional[dict[str, Any]]:
+    """What the dataset says of itself: the checkpoint's summary (a walk by one process), else
+    the manifest's (``complete``, ``errors``: directories that failed, ``files``: its
+    committed partitions...); None when it has neither."""
+    try:
+        saved = checkpoint.load(dataset)
+    except (ValueError, OSError):
+        saved = None
+    if saved is not None:
+        return {**saved.summary, "complete": saved.complete}
+    try:
+        with open(os.path.join(dataset, MANIFEST)) as f:
+            return dict(json.load(f))
+    except (OSError, ValueError):
+        return None
+
+
 def relation(dataset: str) -> str:
-    """The DuckDB table expression that reads every partition of a dataset directory."""
+    """The DuckDB table expression that reads every partition of a dataset directory: those
+    its checkpoint commits, when it has one (a partition an interrupted walk did not commit is
+    not read), else every ``part-*`` file."""
+    found = status(dataset)
+    if found is not None and found.get("files"):
+        paths = ", ".join(f"'{_quote(os.path.join(dataset, name))}'" for name in found["files"])
+        if found["files"][0].endswith(".ndjson"):
+            return f"read_json([{paths}], format='newline_delimited')"
+        return f"read_parquet([{paths}])"
     if glob.glob(os.path.join(dataset, "part-*.parquet")):
         return f"read_parquet('{_quote(os.path.join(dataset, 'part-*.parquet'))}')"
     if glob.glob(os.path.join(dataset, "part-*.ndjson")):
