@@ -127,6 +127,8 @@ def assert_exactly_once(out: Path, want: dict) -> dict:
         if not (p + b"/" + n).startswith(fuse + b"/"):  # (FUSE inodes are the kernel's, per lookup)
             assert ino == want[(p, n)][1], (p, n)
     assert manifest["entries"] == len(want) and manifest["errors"] == 0
+    # each directory listed once (an empty one too): the top and every directory below it
+    assert manifest["dirs"] == 1 + sum(t == "dir" for t, _ino in want.values())
     return manifest
 
 
