@@ -198,7 +198,7 @@ def test_signal_commits_and_says_how_to_resume(gated, agents, tmp_path, sig):
     _stdout, stderr = proc.communicate(timeout=DEADLINE)
     assert proc.returncode == 128 + sig, stderr
     line = stderr.decode().strip().splitlines()[-1]
-    assert line.startswith(f"diskover-agent: interrupted ({sig.name}): ") and "committed in" in line, stderr
+    assert line.startswith(f"diskover-agent: interrupted ({sig.name}); committed in {out}: "), stderr
     command = line.split("resume with: ", 1)[1]
     assert command == " ".join(["diskover-agent", *argv, "--resume"])  # (no character here needs quoting)
     saved = checkpoint(out)

@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG, description="List, walk and size trees on storage nodes through diskover storage agents.",
         epilog=_ENV_EPILOG + "Exit status: 0 complete; 1 some directories could not be listed (named on stderr); "
-               "2 could not run (bad arguments, no agent reachable, refused); 130 interrupted.",
+               "2 could not run (bad arguments, no agent reachable, refused); 130 interrupted; 143 terminated "
+               "(a walk into a dataset commits first: --resume continues it).",
     )
     _add_globals(p, suppress=False)
     sub = p.add_subparsers(dest="command", metavar="{ls,walk,du,report}", required=True)

@@ -136,8 +136,8 @@ def walk_dataset(args: argparse.Namespace, ctx: Context, top: bytes) -> int:
         if display is not None:
             display.close()
             display = None
-        print(f"{PROG}: interrupted ({signal.Signals(exc.signum).name}): {_totals(exc.summary)} committed in "
-              f"{output}; resume with: {resume_command(args)}", file=sys.stderr, flush=True)
+        print(f"{PROG}: interrupted ({signal.Signals(exc.signum).name}); committed in {output}: "
+              f"{_totals(exc.summary)}; resume with: {resume_command(args)}", file=sys.stderr, flush=True)
         return 128 + exc.signum
     except AgentError:
         ctx.warn(f"what is complete is committed in {output}; resume with: {resume_command(args)}")
