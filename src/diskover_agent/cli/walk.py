@@ -106,7 +106,8 @@ def walk_dataset(args: argparse.Namespace, ctx: Context, top: bytes) -> int:
     :class:`~diskover_agent.dataset_walk.DatasetWalk`, with the progress display and summary line."""
     from ..dataset_walk import AlreadyComplete, DatasetWalk, ResumeRefused, WalkInterrupted
 
-    ctx.check_reachable(top)
+    if not args.resume:  # (a resume is checked against its checkpoint first: a refusal needs no agent)
+        ctx.check_reachable(top)
     output = args.output.rstrip("/") or "/"
 
     def on_error(path: bytes, err: OSError) -> None:
@@ -129,6 +130,8 @@ def walk_dataset(args: argparse.Namespace, ctx: Context, top: bytes) -> int:
         raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
+    if args.resume:
+        ctx.check_reachable(top)
     display = Progress(ctx, job) if _show_progress(ctx) else None
     try:
         summary = job.run()
