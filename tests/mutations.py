@@ -51,6 +51,7 @@ RESUME_KILL_MIDDLE = f"{RESUME}::test_sigkill_then_resume_lists_every_entry_once
 RESUME_SIGINT = f"{RESUME}::test_signal_commits_and_says_how_to_resume[SIGINT]"
 RESUME_SIGTERM = f"{RESUME}::test_signal_commits_and_says_how_to_resume[SIGTERM]"
 RESUME_REFUSALS = f"{RESUME}::test_resume_refusals"
+RESUME_DASK = f"{RESUME}::test_dask_driver_killed_then_resumed"
 
 CLI_ERRORS = "tests/test_client_cli_errors.py"
 KILLED_MID_WALK = f"{CLI_ERRORS}::test_host_killed_mid_walk_is_named_when_set_aside_and_in_the_summary"
@@ -646,8 +647,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "ckpt-resume-keeps-uncommitted", "a resume keeps the partitions the checkpoint does not name",
         "diskover_agent/dataset.py",
-        "            if _walk_files(name) and name not in kept and name not in (MANIFEST, ckpt.CHECKPOINT):",
-        "            if name.endswith('.tmp'):",
+        "        if _walk_files(name) and name not in kept and name not in (MANIFEST, ckpt.CHECKPOINT):",
+        "        if name.endswith('.tmp'):",
         (RESUME_KILL_FIRST,),
     ),
     Mutation(
@@ -663,6 +664,13 @@ MUTATIONS: list[Mutation] = [
         "        s.complete = not self.frontier\n",
         "        s.complete = True\n",
         (RESUME_KILL_FIRST, RESUME_SIGINT),
+    ),
+    Mutation(
+        "ckpt-dask-frontier-forgets-running-tasks", "walk --dask's checkpoint leaves out the roots of running tasks",
+        "diskover_agent/distributed.py",
+        "{p for roots in owed.values() for p in roots}",
+        "set()",
+        (RESUME_DASK,),
     ),
     Mutation(
         "ckpt-resume-ignores-exclusions", "a resume with other exclusions is not refused",

@@ -241,7 +241,7 @@ def test_resume_refusals(gated, agents, tmp_path):
         (["--hosts", hosts, "walk", REMOTE, "-o", str(tmp_path / "x.ndjson"), "--overwrite"], 2,
          "--overwrite is for a walk's dataset"),
         (["--hosts", hosts, "walk", REMOTE, "-o", str(out), "--dask", "local:1", "--resume"], 2,
-         "--resume is not available with --dask yet"),
+         f"{out} holds a walk with other options (exclude_dirs: [sub] then, none now; "),
     ]
     for args, status, message in cases:
         r = cli(*args)
@@ -326,3 +326,32 @@ def test_python_api_walks_and_resumes(gated, agents, tmp_path):
     summary = diskover_agent.walk_to_dataset(hosts, REMOTE, str(out), overwrite=True, part_entries=ROWS)
     assert summary.complete
     assert_exactly_once(out, want)
+
+
+def test_dask_driver_killed_then_resumed(gated, agents, tmp_path):
+    """walk --dask local:2: the driver (and its local cluster) killed after a task's result was
+    committed; --resume (a new cluster) ends the walk: every entry once."""
+    pytest.importorskip("distributed")
+    psutil = pytest.importorskip("psutil")
+    want = reference_after_gate(gated)
+    out = tmp_path / "dask"
+    argv = ["--hosts", hosts_of(*agents), "-q", "walk", REMOTE, "-o", str(out), "--dask", "local:2",
+            "--partition-rows", str(ROWS)]
+    proc = subprocess.Popen([str(SCRIPT), *argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=clean_env())
+    try:
+        saved = wait_for(out, 1, proc)
+    finally:
+        family = psutil.Process(proc.pid).children(recursive=True)
+        proc.kill()
+        for child in family:  # the local cluster's processes, which outlive their driver
+            child.kill()
+        psutil.wait_procs(family, timeout=DEADLINE)
+        proc.wait(DEADLINE)
+        proc.stderr.close()
+    assert not saved["complete"] and saved["frontier"]
+    gated.gate_file.touch()
+    r = cli(*argv, "--resume", timeout=120)
+    assert r.returncode == 0, r.stderr
+    manifest = assert_exactly_once(out, want)
+    assert manifest["files"][:len(saved["summary"]["files"])] == saved["summary"]["files"]

@@ -10,7 +10,8 @@
 from diskover_wire import __version__
 
 from .connection import AgentConnection
-from .dataset_walk import AlreadyComplete, ResumeRefused, WalkInterrupted, walk_to_dataset
+from .dataset import AlreadyComplete, ResumeRefused
+from .dataset_walk import WalkInterrupted, walk_to_dataset
 from .entry import AgentDirEntry
 from .errors import AgentBusyError, AgentConnectionError, AgentError, AgentHTTPError, AgentProtocolError
 from .oswalk import parallel_walk, parallel_walk_entries

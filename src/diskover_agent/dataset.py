@@ -131,6 +131,50 @@ def prepare_output(output: str, overwrite: bool = False) -> None:
                               "--overwrite replaces a walk's dataset, or use an empty directory")
 
 
+class ResumeRefused(ValueError):
+    """The directory cannot be resumed as asked: no checkpoint, another walk's, other options."""
+
+
+class AlreadyComplete(Exception):
+    """A resume of a walk that already ran to its end; ``summary`` is its own."""
+
+    def __init__(self, message: str, summary: WalkSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+def resume_point(directory: str, spec: WalkSpec) -> Checkpoint:
+    """The checkpoint to resume the walk ``spec`` from, in ``directory``: :class:`ResumeRefused`
+    when there is none or it is another walk's, :class:`AlreadyComplete` when it ran to its end."""
+    if not os.path.isdir(directory):
+        raise ResumeRefused(f"{directory} is not a directory: nothing to resume")
+    try:
+        saved = ckpt.load(directory)
+    except (ValueError, OSError) as exc:
+        raise ResumeRefused(str(exc)) from None
+    if saved is None:
+        raise ResumeRefused(f"{directory} holds no walk checkpoint: nothing to resume")
+    if saved.spec.top != spec.top:
+        raise ResumeRefused(f"{directory} holds the walk of {saved.spec.top}, not of {spec.top}")
+    diffs = saved.spec.differences(spec)
+    if diffs:
+        raise ResumeRefused(f"{directory} holds a walk with other options ({'; '.join(diffs)}): "
+                            "resume it with the options it started with")
+    if saved.complete:
+        summary = WalkSummary(**{**saved.summary, "output": directory})
+        raise AlreadyComplete(f"the walk of {spec.top} into {directory} is already complete", summary)
+    return saved
+
+
+def discard_uncommitted(directory: str, saved: Checkpoint) -> None:
+    """Delete the partitions (and temporary files) in ``directory`` that ``saved`` does not
+    name: written by a run that stopped before it committed them."""
+    kept = set(saved.summary["files"])
+    for name in os.listdir(directory):
+        if _walk_files(name) and name not in kept and name not in (MANIFEST, ckpt.CHECKPOINT):
+            os.unlink(os.path.join(directory, name))
+
+
 def write_manifest(summary: WalkSummary) -> None:
     """Write the summary beside the partitions, as ``MANIFEST`` (atomically)."""
     ckpt.write_durably(summary.output, MANIFEST, json.dumps(asdict(summary), indent=1).encode())
@@ -315,10 +359,7 @@ class DatasetWriter:
     def resume(cls, output: str, checkpoint: Checkpoint, part_entries: int = 200_000) -> DatasetWriter:
         """Continue the dataset in ``output`` from its ``checkpoint``: the partitions it
         does not name (written by a run that stopped before committing them) are deleted."""
-        kept = set(checkpoint.summary["files"])
-        for name in os.listdir(output):
-            if _walk_files(name) and name not in kept and name not in (MANIFEST, ckpt.CHECKPOINT):
-                os.unlink(os.path.join(output, name))
+        discard_uncommitted(output, checkpoint)
         return cls(output, checkpoint.spec.top, checkpoint.spec.format, part_entries, _resumed=checkpoint)
 
     def add_dir(self, path: bytes, entries: Sequence[Entry], subdirs: Optional[Sequence[bytes]] = None) -> None:

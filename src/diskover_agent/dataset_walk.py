@@ -19,26 +19,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional, Union
 
-from . import checkpoint as ckpt
 from .checkpoint import WalkSpec
-from .dataset import FORMATS, DatasetWriter, WalkSummary
+from .dataset import FORMATS, AlreadyComplete, DatasetWriter, ResumeRefused, WalkSummary, resume_point
 from .protocol import KIND_DIR, KIND_FILE
 from .transport import DEFAULT_PORT, fsencode_path
 from .walk import HostWatcher, Walker, _join
 
 __all__ = ["AlreadyComplete", "DatasetWalk", "ResumeRefused", "WalkInterrupted", "walk_to_dataset"]
-
-
-class ResumeRefused(ValueError):
-    """The directory cannot be resumed as asked: no checkpoint, another walk's, other options."""
-
-
-class AlreadyComplete(Exception):
-    """``resume`` of a walk that already ran to its end; ``summary`` is its manifest's."""
-
-    def __init__(self, message: str, summary: WalkSummary) -> None:
-        super().__init__(message)
-        self.summary = summary
 
 
 class WalkInterrupted(Exception):
@@ -91,7 +78,7 @@ class DatasetWalk:
         spec = WalkSpec.of(os.fsdecode(self.top), fmt, exclude_dirs=xd, exclude_files=xf, one_fs=one_fs,
                            max_depth=max_depth)
         if resume:
-            self.writer = _resume_writer(directory, spec, part_entries)
+            self.writer = DatasetWriter.resume(directory, resume_point(directory, spec), part_entries)
             roots = list(self.writer.frontier)
         else:
             self.writer = DatasetWriter(directory, spec.top, fmt, part_entries, spec=spec, overwrite=overwrite)
@@ -197,28 +184,6 @@ class DatasetWalk:
 
 def _by_name(e: Any) -> bytes:
     return e.name
-
-
-def _resume_writer(directory: str, spec: WalkSpec, part_entries: int) -> DatasetWriter:
-    """The writer continuing the walk in ``directory``, or why it cannot."""
-    if not os.path.isdir(directory):
-        raise ResumeRefused(f"{directory} is not a directory: nothing to resume")
-    try:
-        saved = ckpt.load(directory)
-    except (ValueError, OSError) as exc:
-        raise ResumeRefused(str(exc)) from None
-    if saved is None:
-        raise ResumeRefused(f"{directory} holds no walk checkpoint: nothing to resume")
-    if saved.spec.top != spec.top:
-        raise ResumeRefused(f"{directory} holds the walk of {saved.spec.top}, not of {spec.top}")
-    diffs = saved.spec.differences(spec)
-    if diffs:
-        raise ResumeRefused(f"{directory} holds a walk with other options ({'; '.join(diffs)}): "
-                            "resume it with the options it started with")
-    if saved.complete:
-        summary = WalkSummary(**{**saved.summary, "output": directory})
-        raise AlreadyComplete(f"the walk of {spec.top} into {directory} is already complete", summary)
-    return DatasetWriter.resume(directory, saved, part_entries)
 
 
 def walk_to_dataset(

@@ -14,6 +14,7 @@ from ..dataset import prepare_output
 from ..errors import AgentError
 from ..protocol import KIND_DIR
 from .common import (
+    EXIT_INTERRUPTED,
     EXIT_PARTIAL,
     PROG,
     Context,
@@ -104,7 +105,8 @@ def resume_command(args: argparse.Namespace) -> str:
 def walk_dataset(args: argparse.Namespace, ctx: Context, top: bytes) -> int:
     """``walk -o DIR`` as a dataset with its checkpoint (new, ``--overwrite`` or ``--resume``):
     :class:`~diskover_agent.dataset_walk.DatasetWalk`, with the progress display and summary line."""
-    from ..dataset_walk import AlreadyComplete, DatasetWalk, ResumeRefused, WalkInterrupted
+    from ..dataset import AlreadyComplete, ResumeRefused
+    from ..dataset_walk import DatasetWalk, WalkInterrupted
 
     if not args.resume:  # (a resume is checked against its checkpoint first: a refusal needs no agent)
         ctx.check_reachable(top)
@@ -203,11 +205,24 @@ def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
         raise UsageError("--dask writes parquet or ndjson partitions")
     if args.max_depth is not None:
         raise UsageError("--max-depth is not available with --dask")
-    if args.resume:
-        raise UsageError("--resume is not available with --dask yet: resume the walk without --dask")
     top = remote_path(args.path)
+    output = args.output.rstrip("/") or "/"
+    if args.resume:  # refused, or complete, before any agent or cluster is asked
+        from ..checkpoint import WalkSpec
+        from ..dataset import AlreadyComplete, ResumeRefused, resume_point
+
+        try:
+            resume_point(output, WalkSpec.of(os.fsdecode(top), args.format, exclude_dirs=args.exclude_dirs,
+                                             exclude_files=args.exclude_files, one_fs=args.one_file_system))
+        except ResumeRefused as exc:
+            raise UsageError(str(exc)) from None
+        except AlreadyComplete as exc:
+            if not ctx.quiet:
+                print(f"{PROG}: {exc} ({_totals(exc.summary)})", file=sys.stderr)
+            return 0
     ctx.check_reachable(top)
-    _prepare_dataset(args.output, args.overwrite)
+    if not args.resume:
+        _prepare_dataset(output, args.overwrite)
     try:
         if args.dask.startswith("local:"):
             client = local_cluster(_positive(args.dask[6:]))
@@ -227,12 +242,16 @@ def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
 
     try:
         summary = dask_walk(
-            top, ctx.hosts, args.output, client=client, fmt=args.format, port=ctx.port, progress=progress,
+            top, ctx.hosts, output, client=client, fmt=args.format, port=ctx.port, progress=progress,
             retry_for=ctx.retry_for, exclude_dirs=args.exclude_dirs, exclude_files=args.exclude_files,
-            one_fs=args.one_file_system, **ctx.options,
+            one_fs=args.one_file_system, resume=args.resume, part_entries=args.partition_rows, **ctx.options,
         )
     except FileExistsError as exc:
         raise UsageError(str(exc)) from None
+    except KeyboardInterrupt:  # each task's result is committed as it arrives: resume from there
+        print(f"{PROG}: interrupted; committed in {output}: what the finished tasks wrote; resume with: "
+              f"{resume_command(args)}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     finally:
         if display is not None:
             display.close()
@@ -243,5 +262,5 @@ def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
         rate = summary.entries / summary.seconds if summary.seconds else 0.0
         print(f"{PROG}: {summary.dirs:,} directories, {summary.entries:,} entries, {size_text(summary.bytes)} in "
               f"files, {summary.errors} errors, {summary.tasks} tasks, {summary.seconds:.2f} s "
-              f"({rate:,.0f} entries/s) -> {args.output}", file=sys.stderr)
+              f"({rate:,.0f} entries/s) -> {output}: complete, {_totals(summary)}", file=sys.stderr)
     return EXIT_PARTIAL if summary.errors else 0
