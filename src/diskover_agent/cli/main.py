@@ -209,10 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "dev, atime, mtime, ctime and their *_ns.")
     walk.add_argument("path", metavar="PATH", help=_PATH_HELP)
     walk.add_argument("-o", "--output", metavar="FILE",
-                      help="write to FILE instead of stdout (with --format parquet or --dask: the dataset directory)")
+                      help="write to FILE instead of stdout (with --format parquet or --dask, or a DIR/ that ends "
+                           "in / or exists: the dataset directory, checkpointed)")
     walk.add_argument("--format", choices=("ndjson", "csv", "parquet"), default=None,
                       help="ndjson (default), csv, or parquet: a dataset of Parquet partitions in -o DIR, as "
-                           "with --dask; with --dask: parquet (default) or ndjson partitions")
+                           "with --dask (ndjson with -o DIR/: NDJSON partitions); with --dask: parquet (default) "
+                           "or ndjson partitions")
     walk.add_argument("--resume", action="store_true",
                       help="continue the interrupted walk whose dataset is in -o DIR (from its checkpoint), "
                            "with the options it started with")
