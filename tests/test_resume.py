@@ -10,11 +10,13 @@ entries committed) and then sends the signal."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -100,10 +102,17 @@ def wait_for(out: Path, committed_entries: int, proc: subprocess.Popen | SimpleN
 
 
 def rows_of(out: Path, files: list[str]) -> list[tuple[bytes, bytes, str, int | None]]:
-    """(parent, name, type, ino) of every row of these partitions."""
+    """(parent, name, type, ino) of every row of these partitions (Parquet or NDJSON)."""
     rows = []
     for name in files:
-        for r in pq.read_table(out / name).to_pylist():
+        if name.endswith(".ndjson"):
+            records = [json.loads(line) for line in (out / name).read_bytes().splitlines()]
+            for r in records:
+                for col in ("parent_raw", "name_raw"):
+                    r[col] = None if r[col] is None else base64.b64decode(r[col])
+        else:
+            records = pq.read_table(out / name).to_pylist()
+        for r in records:
             rows.append((r["parent_raw"] or r["parent"].encode(), r["name_raw"] or r["name"].encode(),
                          r["type"], r["ino"]))
     return rows
@@ -213,6 +222,32 @@ def test_signal_commits_and_says_how_to_resume(gated, agents, tmp_path, sig):
     rep = cli("report", str(out), "totals")
     assert rep.stderr.decode() == (f"diskover-agent: {out}: complete, {manifest['entries']:,} entries, "
                                    "0 directories failed\n")
+
+
+def test_disk_full_while_a_partition_is_written_then_resume(gated, agents, tmp_path):
+    """A partition's write fails half-way (the file size limit, as a full disk): exit 2, the
+    line that says how to resume, the committed state kept; --resume discards the half-written
+    partition and ends the walk: every entry once."""
+    gated.gate_file.touch()
+    want = reference(gated.top)
+    out = tmp_path / "nd"
+    argv = ["--hosts", hosts_of(*agents), "walk", REMOTE, "-o", f"{out}/", "--format", "ndjson",
+            "--partition-rows", "300"]
+    # files of 32 KiB at most: above the checkpoint's size, below a partition's (300 NDJSON rows)
+    limited = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (32768, 32768)); "
+               "os.execv(sys.argv[1], sys.argv[1:])")
+    r = subprocess.run([sys.executable, "-c", limited, str(SCRIPT), *argv], capture_output=True,
+                       stdin=subprocess.DEVNULL, env=clean_env(), timeout=DEADLINE)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.decode().splitlines()[-2:] == [
+        f"diskover-agent: cannot write {out}: File too large",
+        f"diskover-agent: what is complete is committed in {out}; resume with: "
+        + " ".join(["diskover-agent", *argv, "--resume"])]
+    assert [p for p in out.iterdir() if p.name.endswith(".tmp")], "a partition was being written"
+    assert not checkpoint(out)["complete"]
+    r = cli(*argv, "--resume", timeout=DEADLINE)
+    assert r.returncode == 0, r.stderr
+    assert_exactly_once(out, want)
 
 
 def test_resume_refusals(gated, agents, tmp_path):

@@ -147,8 +147,9 @@ def walk_dataset(args: argparse.Namespace, ctx: Context, top: bytes) -> int:
     except AgentError:
         ctx.warn(f"what is complete is committed in {output}; resume with: {resume_command(args)}")
         raise
-    except OSError as exc:
-        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
+    except OSError as exc:  # the dataset could not be written (a full disk): what was committed stays
+        ctx.warn(f"cannot write {output}: {exc.strerror or exc}")
+        raise UsageError(f"what is complete is committed in {output}; resume with: {resume_command(args)}") from None
     finally:
         if display is not None:
             display.close()
