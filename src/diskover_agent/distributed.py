@@ -198,6 +198,9 @@ def local_cluster(workers: int, threads_per_worker: int = 2) -> Any:
     """A Dask client on a local cluster of ``workers`` processes (``--dask local:N``)."""
     from distributed import Client, LocalCluster
 
+    # The scheduler's HTTP server (health, metrics) on a free loopback port: the default,
+    # 8787 on every address, warns on stderr when another cluster holds it.
     cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                           dashboard_address=None, host="127.0.0.1")
+                           dashboard_address=None, host="127.0.0.1",
+                           scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
     return Client(cluster)
