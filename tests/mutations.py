@@ -46,6 +46,14 @@ PARQUET_WALK = "tests/test_client_cli_dataset.py::test_walk_parquet_dataset_equa
 PARTITIONS = "tests/test_client_cli_dataset.py::test_dataset_writer_cuts_partitions_and_keeps_every_row_once"
 SCHEMA = "tests/test_record_schema.py::test_every_output_has_the_same_records"
 
+RESUME = "tests/test_resume.py"
+RESUME_KILL_FIRST = f"{RESUME}::test_sigkill_then_resume_lists_every_entry_once[first-partition]"
+RESUME_KILL_MIDDLE = f"{RESUME}::test_sigkill_then_resume_lists_every_entry_once[middle]"
+RESUME_SIGINT = f"{RESUME}::test_signal_commits_and_says_how_to_resume[SIGINT]"
+RESUME_SIGTERM = f"{RESUME}::test_signal_commits_and_says_how_to_resume[SIGTERM]"
+RESUME_REFUSALS = f"{RESUME}::test_resume_refusals"
+RESUME_DASK = f"{RESUME}::test_dask_driver_killed_then_resumed"
+
 CLI_ERRORS = "tests/test_client_cli_errors.py"
 KILLED_MID_WALK = f"{CLI_ERRORS}::test_host_killed_mid_walk_is_named_when_set_aside_and_in_the_summary"
 DASK_PROGRESS = f"{CLI_ERRORS}::test_dask_walk_shows_the_same_progress_line"
@@ -644,6 +652,63 @@ MUTATIONS: list[Mutation] = [
     Mutation("cli-version-unwritable", "-V into a full disk ends in a traceback",
              "diskover_agent/cli/main.py", "            if not exc.code:\n                sys.stdout.flush()\n", "",
              ("tests/test_client_cli_habits.py::test_version_option",)),
+    # -- ckpt: the dataset's checkpoint, --resume, signals ------------------------------------
+    Mutation(
+        "ckpt-checkpoint-before-partition", "the checkpoint is saved before the partition it commits is written",
+        "diskover_agent/dataset.py",
+        "        if len(rows) or rows.dirs or empty:\n",
+        "        self._save()\n        if len(rows) or rows.dirs or empty:\n",
+        (RESUME_KILL_FIRST, RESUME_SIGINT),
+    ),
+    Mutation(
+        "ckpt-frontier-omits-a-directory", "the saved frontier leaves out one directory owed",
+        "diskover_agent/dataset.py",
+        "Checkpoint(self.spec, asdict(s), self.frontier, s.complete)",
+        "Checkpoint(self.spec, asdict(s), set(sorted(self.frontier)[1:]), s.complete)",
+        (RESUME_KILL_FIRST, RESUME_KILL_MIDDLE),
+    ),
+    Mutation(
+        "ckpt-resume-lists-committed-again", "a resume walks from the top again, not from the frontier",
+        "diskover_agent/dataset_walk.py",
+        "            roots = list(self.writer.frontier)\n",
+        "            roots = [self.top]\n",
+        (RESUME_KILL_FIRST,),
+    ),
+    Mutation(
+        "ckpt-resume-keeps-uncommitted", "a resume keeps the partitions the checkpoint does not name",
+        "diskover_agent/dataset.py",
+        "        if _walk_files(name) and name not in kept and name not in (MANIFEST, ckpt.CHECKPOINT):",
+        "        if name.endswith('.tmp'):",
+        (RESUME_KILL_FIRST,),
+    ),
+    Mutation(
+        "ckpt-interrupt-commits-nothing", "SIGINT/SIGTERM exit without committing what is complete",
+        "diskover_agent/dataset_walk.py",
+        "raise WalkInterrupted(stop.signum, self.writer.close()) from None",
+        "raise WalkInterrupted(stop.signum, self.writer.summary) from None",
+        (RESUME_SIGINT, RESUME_SIGTERM),
+    ),
+    Mutation(
+        "ckpt-incomplete-said-complete", "an interrupted walk's checkpoint says it is complete",
+        "diskover_agent/dataset.py",
+        "        s.complete = not self.frontier\n",
+        "        s.complete = True\n",
+        (RESUME_KILL_FIRST, RESUME_SIGINT),
+    ),
+    Mutation(
+        "ckpt-dask-frontier-forgets-running-tasks", "walk --dask's checkpoint leaves out the roots of running tasks",
+        "diskover_agent/distributed.py",
+        "{p for roots in owed.values() for p in roots}",
+        "set()",
+        (RESUME_DASK,),
+    ),
+    Mutation(
+        "ckpt-resume-ignores-exclusions", "a resume with other exclusions is not refused",
+        "diskover_agent/checkpoint.py",
+        'for name in ("format", "stat", "exclude_dirs", "exclude_files", "one_fs", "max_depth"):',
+        'for name in ("format", "stat", "one_fs", "max_depth"):',
+        (RESUME_REFUSALS,),
+    ),
 ]
 
 

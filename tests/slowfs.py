@@ -1,6 +1,7 @@
 """A read-only FUSE file system whose directories ``/slowN`` take SLOW seconds to list,
 like a directory on a hung or overloaded NFS server. Run: ``python slowfs.py MOUNTPOINT``.
-With ``SLOWFS_GATE=FILE`` they take until FILE exists instead (60 s at most)."""
+With ``SLOWFS_GATE=FILE`` they take until FILE exists instead (60 s at most);
+``SLOWFS_COUNT=N``: N of them (10)."""
 
 import errno
 import os
@@ -15,8 +16,9 @@ DELAY = float(os.environ.get("SLOW", "2"))
 LOG = os.environ.get("SLOWFS_LOG")
 GATE = os.environ.get("SLOWFS_GATE")
 # Ten slow directories: the kernel lists one FUSE directory at a time.
-DIRS = {"/": [*(f"slow{i}" for i in range(10)), "fast"], "/fast": ["x", "y"],
-        **{f"/slow{i}": ["a", "b"] for i in range(10)}}
+COUNT = int(os.environ.get("SLOWFS_COUNT", "10"))
+DIRS = {"/": [*(f"slow{i}" for i in range(COUNT)), "fast"], "/fast": ["x", "y"],
+        **{f"/slow{i}": ["a", "b"] for i in range(COUNT)}}
 
 
 class SlowFS(Operations):

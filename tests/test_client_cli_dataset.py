@@ -84,7 +84,14 @@ def test_walk_parquet_unreadable_directories_are_error_rows(awkward_tree, start_
         assert (e["name"], e["error_code"], e["error_message"]) == (
             "", errno.errorcode[e["error_errno"]], os.strerror(e["error_errno"]))
         assert all(e[c] is None for c in ("name_raw", "target_type", *STAT))
-    assert manifest["errors"] == len(failed)
+    assert manifest["errors"] == len(failed) and manifest["complete"]
+    # the summary line and report say the dataset is complete, and how many directories failed
+    assert r.stderr.splitlines()[-1].endswith(
+        f"-> {out}: complete, {manifest['entries']:,} entries in all, {len(failed)} directories failed".encode())
+    pytest.importorskip("duckdb")
+    rep = cli("report", str(out), "totals")
+    assert rep.stderr.decode() == (f"diskover-agent: {out}: complete, {manifest['entries']:,} entries, "
+                                   f"{len(failed)} directories failed\n")
     # entries of a directory that can be read but not searched are listed without their stat
     child = got[(RB + b"/noexec", b"child")]
     assert child["type"] == "dir" and child["size"] is None and child["mtime_ns"] is None
@@ -127,7 +134,7 @@ def test_walk_parquet_usage_errors(tmp_path, start_agent):
     out = tmp_path / "ds"
     assert cli("--hosts", agent.hostspec, "-q", "walk", "--format", "parquet", "-o", str(out), REMOTE).returncode == 0
     again = cli("--hosts", agent.hostspec, "walk", "--format", "parquet", "-o", str(out), REMOTE)
-    assert again.returncode == 2 and b"already holds a walk's partitions" in again.stderr
+    assert again.returncode == 2 and b"already holds a walk's dataset: --resume continues" in again.stderr
     blocker = tmp_path / "a-file"
     blocker.write_bytes(b"")
     r = cli("--hosts", agent.hostspec, "walk", "--format", "parquet", "-o", str(blocker), REMOTE)

@@ -115,9 +115,11 @@ def read_csv(data: bytes) -> list[dict]:
 
 def read_dataset(out: Path) -> tuple[dict, list[dict]]:
     """A dataset's manifest and the rows of its partitions (Parquet, or NDJSON), checking that
-    the partitions on disk are the manifest's and hold the documented columns."""
+    the partitions on disk are the manifest's (beside it, only the checkpoint) and hold the
+    documented columns."""
     manifest = json.loads((out / "_walk.json").read_text())
-    assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["files"], "_walk.json"])
+    checkpoint = ["_checkpoint.json"] if (out / "_checkpoint.json").exists() else []
+    assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["files"], "_walk.json", *checkpoint])
     rows: list[dict] = []
     for name in manifest["files"]:
         if name.endswith(".parquet"):

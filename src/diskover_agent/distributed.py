@@ -15,10 +15,22 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
-from .dataset import FORMATS, MANIFEST, PART_PREFIX, Rows, WalkSummary, prepare_output, write_manifest
+from . import checkpoint as ckpt
+from .checkpoint import Checkpoint, WalkSpec
+from .dataset import (
+    FORMATS,
+    MANIFEST,
+    PART_PREFIX,
+    Rows,
+    WalkSummary,
+    discard_uncommitted,
+    prepare_output,
+    resume_point,
+    write_manifest,
+)
 from .transport import DEFAULT_PORT, fsencode_path
 from .walk import Walker
 
@@ -98,14 +110,19 @@ def dask_walk(
     threads: int = 8,
     retries: int = 3,
     progress: Optional[Callable[[WalkSummary, PartResult], None]] = None,
+    resume: bool = False,
+    overwrite: bool = False,
     **options: Any,
 ) -> WalkSummary:
     """Walk ``top`` through the agents as tasks on the Dask ``client``'s cluster, writing
     one ``fmt`` partition per finished task into the directory ``output`` (which every
     worker must be able to write, e.g. a shared file system).
 
-    ``options`` are the walk's (``exclude_dirs``, ``exclude_files``, ``one_fs``,
-    ``token``, ``tls``, ``cafile``...). ``progress`` is called after every task.
+    Each task's result is committed with the dataset's checkpoint (its partition, and the
+    frontier: the roots of the tasks still running), so ``resume=True`` continues a walk
+    whose driver was killed, as :func:`~diskover_agent.walk_to_dataset` does (with its
+    refusals). ``options`` are the walk's (``exclude_dirs``, ``exclude_files``,
+    ``one_fs``, ``token``, ``tls``, ``cafile``...). ``progress`` is called after every task.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}")
@@ -113,21 +130,47 @@ def dask_walk(
 
     raw_top = fsencode_path(top)
     host_list = hosts.split(",") if isinstance(hosts, str) else list(hosts)
-    prepare_output(output)
+    spec = WalkSpec.of(os.fsdecode(raw_top), fmt, exclude_dirs=map(os.fsdecode, options.get("exclude_dirs", ())),
+                       exclude_files=map(os.fsdecode, options.get("exclude_files", ())),
+                       one_fs=bool(options.get("one_fs", False)))
+    if resume:
+        saved = resume_point(output, spec)
+        discard_uncommitted(output, saved)
+        summary = WalkSummary(**{**saved.summary, "output": output})
+        frontier = sorted(saved.frontier)
+    else:
+        prepare_output(output, overwrite)
+        summary = WalkSummary(top=spec.top, output=output, format=fmt)
+        frontier = [raw_top]
     run = os.urandom(4).hex()
     slots = max(1, sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()))
-    summary = WalkSummary(top=os.fsdecode(raw_top), output=output, format=fmt)
     start = time.monotonic()
+    before = summary.seconds
     budget = min(FIRST_PART_ENTRIES, part_entries)
+    #: Roots of each task submitted whose result has not been committed: the frontier.
+    owed: dict[str, list[bytes]] = {}
 
     def submit(roots: list[bytes], top: bool = False) -> Any:
-        spec = PartSpec(f"{PART_PREFIX}{summary.tasks:06d}", roots, host_list, port, output, fmt,
-                        budget, threads, options, top)
+        spec_ = PartSpec(f"{PART_PREFIX}{summary.tasks:06d}", roots, host_list, port, output, fmt,
+                         budget, threads, options, top)
         summary.tasks += 1
-        return client.submit(walk_part, spec, key=f"diskover-walk-{run}-{summary.tasks}", retries=retries,
-                             pure=False)
+        key = f"diskover-walk-{run}-{summary.tasks}"
+        owed[key] = roots
+        return client.submit(walk_part, spec_, key=key, retries=retries, pure=False)
 
-    pending = as_completed([submit([raw_top], top=True)])
+    def spread(paths: list[bytes]) -> list[Any]:
+        chunks = max(math.ceil(len(paths) / part_paths), min(slots, len(paths)))
+        return [submit(roots) for roots in _split(paths, chunks)]
+
+    def commit() -> None:
+        summary.seconds = before + time.monotonic() - start
+        summary.complete = not owed
+        ckpt.fsync_dir(output)  # the partitions' names are durable before the checkpoint names them
+        ckpt.save(output, Checkpoint(spec, asdict(summary), {p for roots in owed.values() for p in roots},
+                                     summary.complete))
+
+    pending = as_completed([submit([raw_top], top=True)] if frontier == [raw_top] else spread(frontier))
+    commit()
     for future in pending:
         result: PartResult = future.result()
         summary.files.append(result.file)
@@ -137,12 +180,12 @@ def dask_walk(
         summary.errors += result.errors
         budget = min(budget * 2, part_entries)
         if result.frontier:
-            chunks = max(math.ceil(len(result.frontier) / part_paths), min(slots, len(result.frontier)))
-            for roots in _split(result.frontier, chunks):
-                pending.add(submit(roots))
+            for f in spread(result.frontier):
+                pending.add(f)
+        del owed[future.key]
+        commit()
         if progress is not None:
             progress(summary, result)
-    summary.seconds = time.monotonic() - start
     kept = set(summary.files)
     for name in os.listdir(output):  # partitions of runs whose result never arrived
         if (name.startswith(PART_PREFIX) or name.startswith(f".{PART_PREFIX}")) and name not in kept:
@@ -155,6 +198,9 @@ def local_cluster(workers: int, threads_per_worker: int = 2) -> Any:
     """A Dask client on a local cluster of ``workers`` processes (``--dask local:N``)."""
     from distributed import Client, LocalCluster
 
+    # The scheduler's HTTP server (health, metrics) on a free loopback port: the default,
+    # 8787 on every address, warns on stderr when another cluster holds it.
     cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                           dashboard_address=None, host="127.0.0.1")
+                           dashboard_address=None, host="127.0.0.1",
+                           scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
     return Client(cluster)

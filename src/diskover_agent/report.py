@@ -9,9 +9,12 @@ relation.
 from __future__ import annotations
 
 import glob
+import json
 import os
-from typing import Any
+from typing import Any, Optional
 
+from . import checkpoint
+from .dataset import MANIFEST
 from .schema import COLUMNS, DUCKDB_TYPES
 
 QUERIES: dict[str, str] = {
@@ -45,15 +48,39 @@ QUERIES: dict[str, str] = {
 CSV_HEADER = ",".join(COLUMNS).encode()
 
 
+def status(dataset: str) -> Optional[dict[str, Any]]:
+    """What the dataset says of itself: the checkpoint's summary (a walk by one process), else
+    the manifest's (``complete``, ``errors``: directories that failed, ``files``: its
+    committed partitions...); None when it has neither (or is a file ``walk -o FILE`` wrote)."""
+    try:
+        saved = checkpoint.load(dataset)
+    except (ValueError, OSError):
+        saved = None
+    if saved is not None:
+        return {**saved.summary, "complete": saved.complete}
+    try:
+        with open(os.path.join(dataset, MANIFEST)) as f:
+            return dict(json.load(f))
+    except (OSError, ValueError):
+        return None
+
+
 def relation(output: str) -> str:
     """The DuckDB table expression that reads every record of a walk's output: a dataset
-    directory (its partitions) or a file ``walk -o FILE`` wrote (NDJSON, or CSV: told apart
-    by its first line, the CSV header)."""
+    directory (the partitions its checkpoint commits, when it has one: a partition an
+    interrupted walk did not commit is not read; else every ``part-*`` file) or a file
+    ``walk -o FILE`` wrote (NDJSON, or CSV: told apart by its first line, the CSV header)."""
     if os.path.isdir(output):
+        found = status(output)
+        if found is not None and found.get("files"):
+            paths = "[" + ", ".join(f"'{_quote(os.path.join(output, name))}'" for name in found["files"]) + "]"
+            if found["files"][0].endswith(".ndjson"):
+                return _read_json(paths)
+            return f"read_parquet({paths})"
         if glob.glob(os.path.join(output, "part-*.parquet")):
             return f"read_parquet('{_quote(os.path.join(output, 'part-*.parquet'))}')"
         if glob.glob(os.path.join(output, "part-*.ndjson")):
-            return _read_json(os.path.join(output, "part-*.ndjson"))
+            return _read_json(f"'{_quote(os.path.join(output, 'part-*.ndjson'))}'")
         raise FileNotFoundError(f"no partitions (part-*.parquet or part-*.ndjson) in {output}")
     with open(output, "rb") as f:  # FileNotFoundError, IsADirectoryError... as they are
         first = f.read(len(CSV_HEADER) + 1)
@@ -63,11 +90,12 @@ def relation(output: str) -> str:
         return ("(SELECT * REPLACE (coalesce(parent, '') AS parent, coalesce(name, '') AS name) FROM "
                 f"read_csv('{_quote(output)}', header=true, auto_detect=false, delim=',', quote='\"', "
                 f"escape='\"', columns={_columns()}))")
-    return _read_json(output)
+    return _read_json(f"'{_quote(output)}'")
 
 
-def _read_json(pattern: str) -> str:
-    return f"read_json('{_quote(pattern)}', format='newline_delimited', columns={_columns()})"
+def _read_json(files: str) -> str:
+    """``files``: a quoted path or pattern, or a DuckDB list of them."""
+    return f"read_json({files}, format='newline_delimited', columns={_columns()})"
 
 
 def _columns() -> str:

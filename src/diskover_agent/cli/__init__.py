@@ -10,7 +10,8 @@
 entry of a tree as NDJSON or CSV, ``du PATH...`` prints disk usage as GNU du.
 Exit status: 0 complete; 1 finished, but some directories could not be listed (each one
 named on stderr); 2 could not run (bad arguments, no agent reachable, refused by the agent);
-130 interrupted (Ctrl-C); 141 output pipe closed.
+130 interrupted (Ctrl-C); 141 output pipe closed; 143 terminated (SIGTERM: a walk into a
+dataset commits what is complete, for ``--resume``).
 
 The package: :mod:`.main` (the parser and the console script), :mod:`.common` (what every
 command shares), :mod:`.crawl` (a walk's counters, progress display and summary line),

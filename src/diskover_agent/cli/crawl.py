@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 from ..protocol import KIND_FILE, Entry
 from ..walk import Walker
@@ -30,7 +30,7 @@ class Crawl:
         self.walker = Walker(
             top, ctx.hosts, port=ctx.port, workers=ctx.workers, stat=True, retry_for=ctx.retry_for,
             exclude_dirs=[os.fsencode(p) for p in exclude_dirs],
-            exclude_files=[os.fsencode(p) for p in exclude_files], one_fs=one_fs, on_host=self._host_changed,
+            exclude_files=[os.fsencode(p) for p in exclude_files], one_fs=one_fs, on_host=host_watcher(ctx),
             **ctx.options,
         )
         self.dirs = 0
@@ -61,13 +61,6 @@ class Crawl:
             listed.close()  # stops every thread and closes every socket
             self.ended = time.monotonic()
 
-    def _host_changed(self, host: str, reason: Optional[str]) -> None:
-        """A host set aside for not answering (named with the reason, at once), or back."""
-        if reason is not None:
-            self.ctx.warn(f"{host} is set aside, not answering: {reason}")
-        else:
-            self.ctx.warn(f"{host} answers again")
-
     def depth(self, path: bytes) -> int:
         """How far below the top a directory is: 0 for the top, 1 for its subdirectories."""
         rest = path[len(self.top):].strip(b"/")
@@ -86,15 +79,28 @@ class Crawl:
         return (self.ended if self.ended is not None else time.monotonic()) - self.started
 
     def summary(self) -> str:
-        secs = self.seconds
-        rate = self.entries / secs if secs > 0 else 0.0
-        served = self.walker.served()
-        used = sum(1 for s in served.values() if s["requests"])
-        down = self.walker.hosts_down()
-        aside = f", set aside (not answering): {', '.join(down)}" if down else ""
-        return (f"{_count_of(self.dirs, 'directory', 'directories')}, {_count_of(self.entries, 'entry', 'entries')}, "
-                f"{size_text(self.bytes)} in files, {_count_of(self.errors, 'error', 'errors')}, {secs:.2f} s "
-                f"({rate:,.0f} entries/s, {used}/{len(served)} hosts{aside})")
+        return summary_text(self)
+
+
+def host_watcher(ctx: Context) -> Callable[[str, Optional[str]], None]:
+    """What names on stderr a host set aside for not answering (with the reason, at once), or back."""
+    def changed(host: str, reason: Optional[str]) -> None:
+        ctx.warn(f"{host} is set aside, not answering: {reason}" if reason is not None else f"{host} answers again")
+    return changed
+
+
+def summary_text(crawl: Any) -> str:
+    """The summary line of a walk by this process (a :class:`Crawl`, or a walk into a
+    dataset): its counts, time, rate and hosts."""
+    secs = crawl.seconds
+    rate = crawl.entries / secs if secs > 0 else 0.0
+    served = crawl.walker.served()
+    used = sum(1 for s in served.values() if s["requests"])
+    down = crawl.walker.hosts_down()
+    aside = f", set aside (not answering): {', '.join(down)}" if down else ""
+    return (f"{_count_of(crawl.dirs, 'directory', 'directories')}, {_count_of(crawl.entries, 'entry', 'entries')}, "
+            f"{size_text(crawl.bytes)} in files, {_count_of(crawl.errors, 'error', 'errors')}, {secs:.2f} s "
+            f"({rate:,.0f} entries/s, {used}/{len(served)} hosts{aside})")
 
 
 def _count_of(n: int, one: str, many: str) -> str:

@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG, description="List, walk and size trees on storage nodes through diskover storage agents.",
         epilog=_ENV_EPILOG + "Exit status: 0 complete; 1 some directories could not be listed (named on stderr); "
-               "2 could not run (bad arguments, no agent reachable, refused); 130 interrupted.",
+               "2 could not run (bad arguments, no agent reachable, refused); 130 interrupted; 143 terminated "
+               "(a walk into a dataset commits first: --resume continues it).",
     )
     _add_globals(p, suppress=False)
     sub = p.add_subparsers(dest="command", metavar="{ls,walk,du,report}", required=True)
@@ -225,10 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
                                       "error_errno, error_code, error_message.")
     walk.add_argument("path", metavar="PATH", help=_PATH_HELP)
     walk.add_argument("-o", "--output", metavar="FILE",
-                      help="write to FILE instead of stdout (with --format parquet or --dask: the dataset directory)")
+                      help="write to FILE instead of stdout (with --format parquet or --dask, or a DIR/ that ends "
+                           "in / or exists: the dataset directory, checkpointed)")
     walk.add_argument("--format", choices=("ndjson", "csv", "parquet"), default=None,
                       help="ndjson (default), csv, or parquet: a dataset of Parquet partitions in -o DIR, as "
-                           "with --dask; with --dask: parquet (default) or ndjson partitions")
+                           "with --dask (ndjson with -o DIR/: NDJSON partitions); with --dask: parquet (default) "
+                           "or ndjson partitions")
+    walk.add_argument("--resume", action="store_true",
+                      help="continue the interrupted walk whose dataset is in -o DIR (from its checkpoint), "
+                           "with the options it started with")
+    walk.add_argument("--overwrite", action="store_true",
+                      help="replace the walk's dataset in -o DIR (a non-empty DIR is refused without it)")
+    walk.add_argument("--partition-rows", type=_positive, default=200_000, metavar="N",
+                      help="rows per partition of a dataset, about (%(default)s): each one is committed "
+                           "with the checkpoint")
     walk.add_argument("--dask", metavar="SCHEDULER",
                       help="run the walk as Dask tasks on this scheduler (tcp://host:8786), or on a local "
                            "cluster of N worker processes (local:N); -o DIR receives the dataset")
@@ -329,6 +340,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not exc.code:
                 sys.stdout.flush()
             raise
+        args.argv = list(argv) if argv is not None else sys.argv[1:]
         if getattr(args, "format", "") is None:
             args.format = "parquet" if args.dask is not None else "ndjson"
         run = command(args.command)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import UsageError, require_modules
+from .common import PROG, UsageError, require_modules
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -14,6 +14,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .. import report
 
     names = [args.query] if args.query else list(report.QUERIES)
+    found = report.status(args.dataset)
+    if found is not None and not getattr(args, "quiet", False):
+        failed = found.get("errors", 0)
+        state = "complete" if found.get("complete") else "INCOMPLETE (interrupted: walk ... --resume continues it)"
+        print(f"{PROG}: {args.dataset}: {state}, {found.get('entries', 0):,} entries, {failed:,} "
+              f"{'directory' if failed == 1 else 'directories'} failed", file=sys.stderr, flush=True)
     for name in names:
         try:
             columns, rows = report.run(args.dataset, name, args.limit)

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import signal
 import sys
-from typing import IO, Any, Optional, Union
+from typing import IO, Any, Optional
 
-from ..dataset import DatasetWriter, prepare_output
+from ..dataset import prepare_output
 from ..errors import AgentError
 from ..protocol import KIND_DIR
 from .common import (
+    EXIT_INTERRUPTED,
     EXIT_PARTIAL,
     PROG,
     Context,
@@ -20,9 +23,10 @@ from .common import (
     _positive,
     remote_path,
     require_modules,
+    shown,
     size_text,
 )
-from .crawl import Crawl, Progress, _show_progress, finish, run_crawl
+from .crawl import Crawl, Progress, _show_progress, finish, host_watcher, run_crawl, summary_text
 from .output import RecordWriter
 
 
@@ -36,18 +40,18 @@ def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
         if to_stdout:
             raise UsageError("--format parquet writes a dataset: give -o DIR")
         require_modules("--format parquet", ["pyarrow"])  # imported when the first partition is written
+    if is_dataset(args):
+        return walk_dataset(args, ctx, top)
+    if args.resume or args.overwrite:
+        raise UsageError(f"{'--resume' if args.resume else '--overwrite'} is for a walk's dataset: "
+                         "give -o DIR with --format parquet, or --format ndjson and -o DIR/")
     ctx.check_reachable(top)
     out: Optional[IO[bytes]] = None
-    sink: Union[RecordWriter, DatasetWriter]
-    if args.format == "parquet":
-        _prepare_dataset(args.output)
-        sink = DatasetWriter(args.output, os.fsdecode(top))
-    else:
-        try:
-            out = sys.stdout.buffer if to_stdout else open(args.output, "wb", buffering=1 << 20)
-        except OSError as exc:
-            raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
-        sink = RecordWriter(out, args.format)
+    try:
+        out = sys.stdout.buffer if to_stdout else open(args.output, "wb", buffering=1 << 20)
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    sink = RecordWriter(out, args.format)
     crawl = Crawl(ctx, top, exclude_dirs=args.exclude_dirs, exclude_files=args.exclude_files,
                   one_fs=args.one_file_system, on_error=sink.add_error)
 
@@ -64,12 +68,9 @@ def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
 
     try:
         run_crawl(ctx, crawl, body, output_is_terminal=to_stdout and sys.stdout.isatty())
-        if isinstance(sink, DatasetWriter):
-            sink.close(crawl.seconds)
-        else:
-            sink.flush()
-            if out is not None and not to_stdout:
-                out.close()  # its last write: a full disk says so here
+        sink.flush()
+        if out is not None and not to_stdout:
+            out.close()  # its last write: a full disk says so here
         return finish(ctx, crawl)
     except (AgentError, BrokenPipeError):
         raise
@@ -83,6 +84,84 @@ def cmd_walk(args: argparse.Namespace, ctx: Context) -> int:
                 out.close()
             except OSError:
                 pass  # the error that stopped the walk is the one reported
+
+
+def is_dataset(args: argparse.Namespace) -> bool:
+    """Whether ``walk`` writes a dataset directory: ``--format parquet``, or ``ndjson`` into
+    ``-o DIR`` given as a directory (one that exists, or a path ending in ``/``, or ``--resume``)."""
+    if args.output in (None, "-") or args.format == "csv":
+        return False
+    return args.format == "parquet" or bool(args.resume) or args.output.endswith("/") or os.path.isdir(args.output)
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that resumes this walk: the same one, with ``--resume`` (and without ``--overwrite``)."""
+    argv = [a for a in args.argv if a != "--overwrite"]
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return shlex.join([PROG, *argv])
+
+
+def walk_dataset(args: argparse.Namespace, ctx: Context, top: bytes) -> int:
+    """``walk -o DIR`` as a dataset with its checkpoint (new, ``--overwrite`` or ``--resume``):
+    :class:`~diskover_agent.dataset_walk.DatasetWalk`, with the progress display and summary line."""
+    from ..dataset import AlreadyComplete, ResumeRefused
+    from ..dataset_walk import DatasetWalk, WalkInterrupted
+
+    if not args.resume:  # (a resume is checked against its checkpoint first: a refusal needs no agent)
+        ctx.check_reachable(top)
+    output = args.output.rstrip("/") or "/"
+
+    def on_error(path: bytes, err: OSError) -> None:
+        ctx.warn(f"{shown(path)}: {err.strerror or err}")
+
+    try:
+        job = DatasetWalk(
+            ctx.hosts, top, output, resume=args.resume, overwrite=args.overwrite, fmt=args.format,
+            max_depth=args.max_depth, exclude_dirs=[os.fsencode(p) for p in args.exclude_dirs],
+            exclude_files=[os.fsencode(p) for p in args.exclude_files], one_fs=args.one_file_system,
+            part_entries=args.partition_rows, port=ctx.port, on_error=on_error, on_host=host_watcher(ctx),
+            workers=ctx.workers, retry_for=ctx.retry_for, **ctx.options)
+    except ResumeRefused as exc:
+        raise UsageError(str(exc)) from None
+    except AlreadyComplete as exc:
+        if not ctx.quiet:
+            print(f"{PROG}: {exc} ({_totals(exc.summary)})", file=sys.stderr)
+        return 0
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
+    if args.resume:
+        ctx.check_reachable(top)
+    display = Progress(ctx, job) if _show_progress(ctx) else None
+    try:
+        summary = job.run()
+    except WalkInterrupted as exc:
+        if display is not None:
+            display.close()
+            display = None
+        print(f"{PROG}: interrupted ({signal.Signals(exc.signum).name}); committed in {output}: "
+              f"{_totals(exc.summary)}; resume with: {resume_command(args)}", file=sys.stderr, flush=True)
+        return 128 + exc.signum
+    except AgentError:
+        ctx.warn(f"what is complete is committed in {output}; resume with: {resume_command(args)}")
+        raise
+    except OSError as exc:  # the dataset could not be written (a full disk): what was committed stays
+        ctx.warn(f"cannot write {output}: {exc.strerror or exc}")
+        raise UsageError(f"what is complete is committed in {output}; resume with: {resume_command(args)}") from None
+    finally:
+        if display is not None:
+            display.close()
+    if not ctx.quiet:
+        print(f"{PROG}: {summary_text(job)} -> {output}: complete, {_totals(summary)}", file=sys.stderr, flush=True)
+    return EXIT_PARTIAL if summary.errors else 0
+
+
+def _totals(summary: Any) -> str:
+    """A dataset's totals (all runs): entries, and directories that could not be listed."""
+    failed = "directory" if summary.errors == 1 else "directories"
+    return f"{summary.entries:,} entries in all, {summary.errors:,} {failed} failed"
 
 
 class TaskCounts:
@@ -107,10 +186,10 @@ class TaskCounts:
         return {host: {"requests": n} for host, n in self._requests.items()}
 
 
-def _prepare_dataset(output: str) -> None:
+def _prepare_dataset(output: str, overwrite: bool = False) -> None:
     """Create, or check, the directory of a walk's dataset: a usage error when it cannot be one."""
     try:
-        prepare_output(output)
+        prepare_output(output, overwrite)
     except FileExistsError as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:
@@ -128,8 +207,23 @@ def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
     if args.max_depth is not None:
         raise UsageError("--max-depth is not available with --dask")
     top = remote_path(args.path)
+    output = args.output.rstrip("/") or "/"
+    if args.resume:  # refused, or complete, before any agent or cluster is asked
+        from ..checkpoint import WalkSpec
+        from ..dataset import AlreadyComplete, ResumeRefused, resume_point
+
+        try:
+            resume_point(output, WalkSpec.of(os.fsdecode(top), args.format, exclude_dirs=args.exclude_dirs,
+                                             exclude_files=args.exclude_files, one_fs=args.one_file_system))
+        except ResumeRefused as exc:
+            raise UsageError(str(exc)) from None
+        except AlreadyComplete as exc:
+            if not ctx.quiet:
+                print(f"{PROG}: {exc} ({_totals(exc.summary)})", file=sys.stderr)
+            return 0
     ctx.check_reachable(top)
-    _prepare_dataset(args.output)
+    if not args.resume:
+        _prepare_dataset(output, args.overwrite)
     try:
         if args.dask.startswith("local:"):
             client = local_cluster(_positive(args.dask[6:]))
@@ -149,12 +243,16 @@ def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
 
     try:
         summary = dask_walk(
-            top, ctx.hosts, args.output, client=client, fmt=args.format, port=ctx.port, progress=progress,
+            top, ctx.hosts, output, client=client, fmt=args.format, port=ctx.port, progress=progress,
             retry_for=ctx.retry_for, exclude_dirs=args.exclude_dirs, exclude_files=args.exclude_files,
-            one_fs=args.one_file_system, **ctx.options,
+            one_fs=args.one_file_system, resume=args.resume, part_entries=args.partition_rows, **ctx.options,
         )
     except FileExistsError as exc:
         raise UsageError(str(exc)) from None
+    except KeyboardInterrupt:  # each task's result is committed as it arrives: resume from there
+        print(f"{PROG}: interrupted; committed in {output}: what the finished tasks wrote; resume with: "
+              f"{resume_command(args)}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     finally:
         if display is not None:
             display.close()
@@ -165,5 +263,5 @@ def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
         rate = summary.entries / summary.seconds if summary.seconds else 0.0
         print(f"{PROG}: {summary.dirs:,} directories, {summary.entries:,} entries, {size_text(summary.bytes)} in "
               f"files, {summary.errors} errors, {summary.tasks} tasks, {summary.seconds:.2f} s "
-              f"({rate:,.0f} entries/s) -> {args.output}", file=sys.stderr)
+              f"({rate:,.0f} entries/s) -> {output}: complete, {_totals(summary)}", file=sys.stderr)
     return EXIT_PARTIAL if summary.errors else 0
