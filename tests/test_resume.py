@@ -25,9 +25,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from test_client_cli import SCRIPT, TYPES, clean_env, cli, hosts_of
+from test_client_cli import SCRIPT, cli, hosts_of
+from walk_records import TYPES
 
-from conftest import REMOTE, slowfs_mounted
+from conftest import REMOTE, cli_env, slowfs_mounted
 
 pq = pytest.importorskip("pyarrow.parquet")
 
@@ -145,7 +146,7 @@ def start_walk(agents, out: Path, *extra: str) -> tuple[subprocess.Popen, list[s
     argv = ["--hosts", hosts_of(*agents), "-q", "walk", REMOTE, "-o", str(out), "--format", "parquet",
             "--partition-rows", str(ROWS), *extra]
     proc = subprocess.Popen([str(SCRIPT), *argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=clean_env())
+                            stderr=subprocess.PIPE, env=cli_env())
     return proc, argv
 
 
@@ -237,7 +238,7 @@ def test_disk_full_while_a_partition_is_written_then_resume(gated, agents, tmp_p
     limited = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (32768, 32768)); "
                "os.execv(sys.argv[1], sys.argv[1:])")
     r = subprocess.run([sys.executable, "-c", limited, str(SCRIPT), *argv], capture_output=True,
-                       stdin=subprocess.DEVNULL, env=clean_env(), timeout=DEADLINE)
+                       stdin=subprocess.DEVNULL, env=cli_env(), timeout=DEADLINE)
     assert r.returncode == 2, r.stderr
     assert r.stderr.decode().splitlines()[-2:] == [
         f"diskover-agent: cannot write {out}: File too large",
@@ -299,7 +300,7 @@ def test_ndjson_dataset_and_max_depth_resume(gated, agents, tmp_path):
     argv = ["--hosts", hosts_of(*agents), "-q", "walk", REMOTE, "-o", f"{out}/", "--format", "ndjson",
             "--partition-rows", str(ROWS), "--max-depth", "2"]
     proc = subprocess.Popen([str(SCRIPT), *argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=clean_env())
+                            stderr=subprocess.PIPE, env=cli_env())
     wait_for(out, 1, proc)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(DEADLINE) == 130
@@ -373,7 +374,7 @@ def test_dask_driver_killed_then_resumed(gated, agents, tmp_path):
     argv = ["--hosts", hosts_of(*agents), "-q", "walk", REMOTE, "-o", str(out), "--dask", "local:2",
             "--partition-rows", str(ROWS)]
     proc = subprocess.Popen([str(SCRIPT), *argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=clean_env())
+                            stderr=subprocess.PIPE, env=cli_env())
     try:
         saved = wait_for(out, 1, proc)
     finally:
