@@ -370,11 +370,12 @@ MUTATIONS: list[Mutation] = [
              (PARQUET_WALK,)),
     Mutation("out-dataset-rows-written-twice", "a partition's rows are written again in the next partition",
              "diskover_agent/dataset.py",
-             "        s.errors += rows.errors\n        self._rows = Rows()", "        s.errors += rows.errors",
+             "            s.errors += rows.errors\n            self._rows = Rows()",
+             "            s.errors += rows.errors",
              (PARTITIONS,)),
     Mutation("out-dataset-last-partition-lost", "the last partition of a walk written by one process is not written",
              "diskover_agent/dataset.py",
-             "if len(self._rows) or not self.summary.files:", "if not self.summary.files:",
+             "        self.commit(empty=not self.summary.files)\n", "        self._save()\n",
              (PARTITIONS,)),
     Mutation("out-dataset-no-error-rows", "walk --format parquet writes no row for a directory it could not list",
              "diskover_agent/cli/crawl.py",
@@ -561,7 +562,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "clib-report-flush", "report's output is flushed at exit, past the error handling",
         "diskover_agent/cli/report.py",
-        "        sys.stdout.flush()  # a write error surfaces here, as the command's, not at exit\n", "",
+        "    sys.stdout.flush()  # a write error surfaces here, as the command's, not at exit\n", "",
         (f"{CLI_ERRORS}::test_output_file_that_cannot_grow_exits_2[buffered]",)),
     Mutation(
         "clib-unbuffered-partial", "unbuffered (PYTHONUNBUFFERED), output cut short by a full disk is lost silently",
@@ -587,8 +588,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "clib-set-aside-summary", "the summary does not name the hosts set aside",
         "diskover_agent/cli/crawl.py",
-        "        aside = f\", set aside (not answering): {', '.join(down)}\" if down else \"\"",
-        "        aside = \"\"", (KILLED_MID_WALK,)),
+        "    aside = f\", set aside (not answering): {', '.join(down)}\" if down else \"\"",
+        "    aside = \"\"", (KILLED_MID_WALK,)),
     Mutation(
         "clib-stop-sets-aside", "stopping a walk sets its hosts aside (a closed output pipe prints about them)",
         "diskover_agent/walk.py",
