@@ -547,11 +547,11 @@ def test_sigterm_right_after_the_listening_line_exits_zero(tmp_path, start_agent
         no_traceback(agent)
 
 
-def test_sigterm_cuts_answers_in_flight_after_30_s(big_dir, start_agent):
-    """SIGTERM lets answers in flight finish for 30 s at most: an answer its client has
-    stopped reading is cut then, and the agent exits with status 0."""
+def test_sigterm_cuts_answers_in_flight_after_the_shutdown_timeout(big_dir, start_agent):
+    """SIGTERM lets answers in flight finish for --shutdown-timeout at most: an answer its
+    client has stopped reading is cut then, and the agent exits with status 0."""
     top, _, _ = big_dir
-    agent = start_agent([(REMOTE, str(top))])
+    agent = start_agent([(REMOTE, str(top))], extra=("--shutdown-timeout", "10"))
     sock, resp = slow_reader(agent.port, REMOTE + "?format=msgpack&stat=1")  # ~18 MB, never read
     try:
         assert resp.status == 200
@@ -577,7 +577,9 @@ def test_sigterm_cuts_answers_in_flight_after_30_s(big_dir, start_agent):
         sock.close()
     print(f"exited {took:.1f} s after SIGTERM")
     assert rc == 0
-    assert 29 <= took < 45, f"the agent exited {took:.1f} s after SIGTERM, not after the 30 s it promises"
+    # not before the 10 s it was given; well before twice that (aiohttp's own wait after it, when
+    # the stalled answer is not cut) and the 30 s default (an option ignored)
+    assert 10 <= took < 17, f"the agent exited {took:.1f} s after SIGTERM, not after the 10 s it was given"
     agent.terminate()
     no_traceback(agent)
 

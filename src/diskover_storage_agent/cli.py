@@ -25,6 +25,7 @@ from .config import (
     DEFAULT_PORT,
     DEFAULT_QUEUE,
     DEFAULT_SEND_TIMEOUT,
+    DEFAULT_SHUTDOWN_TIMEOUT,
     METRICS_DIR_ENV,
     TOKEN_ENV,
     AgentConfig,
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--replacepath", nargs=2, action="append", metavar=("REMOTE", "LOCAL"),
                    help="export LOCAL directory as REMOTE path, e.g. -r /mnt/isilon /ifs/data "
                         "(repeat for more exports; required, here or in --config)")
+    p.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, answers in flight get this long to finish before they are cut "
+                        f"(default: {DEFAULT_SHUTDOWN_TIMEOUT:g})")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more output: -v logs every request, -vv debug")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
@@ -161,7 +165,7 @@ def make_config(args: argparse.Namespace) -> AgentConfig:
         verbose=args.verbose, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
         header_timeout=args.header_timeout, body_timeout=args.body_timeout,
         keepalive_timeout=args.keepalive_timeout, send_timeout=args.send_timeout,
-        body_memory=args.body_memory * 2**20,
+        shutdown_timeout=args.shutdown_timeout, body_memory=args.body_memory * 2**20,
         processes=cpu_count() if args.processes is None else args.processes,
     )
 

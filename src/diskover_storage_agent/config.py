@@ -25,6 +25,8 @@ DEFAULT_BODY_TIMEOUT = 60.0
 DEFAULT_KEEPALIVE_TIMEOUT = 75.0
 DEFAULT_SEND_TIMEOUT = 60.0
 DEFAULT_BODY_MEMORY_MIB = 64
+#: Seconds answers in flight get to finish on SIGTERM/Ctrl-C before they are cut.
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 _MAX_TIMEOUT = 86400.0
 #: Environment variable holding the bearer token (for containers), like --token-file.
 TOKEN_ENV = "DISKOVER_AGENT_TOKEN"
@@ -44,7 +46,7 @@ class AgentConfig:
     maxconnections: int = DEFAULT_MAXCONNECTIONS
     verbose: int = 0
     #: Seconds in-flight answers get to finish on SIGTERM/Ctrl-C.
-    shutdown_timeout: float = 30.0
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     #: The bearer token every request must carry; None: no authentication.
     token: Optional[str] = None
     tls_cert: Optional[str] = None
@@ -77,7 +79,7 @@ class AgentConfig:
             problem = token_problem(self.token)
             if problem:
                 raise ConfigError(problem)
-        for name in ("header_timeout", "body_timeout", "keepalive_timeout", "send_timeout"):
+        for name in ("header_timeout", "body_timeout", "keepalive_timeout", "send_timeout", "shutdown_timeout"):
             if not 0 < getattr(self, name) <= _MAX_TIMEOUT:
                 raise ConfigError(f"--{name.replace('_', '-')} must be above 0 and at most {_MAX_TIMEOUT:g} seconds")
         if self.body_memory < MAX_BODY:
