@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -499,3 +500,17 @@ def make_wide_tree(top: Path) -> Path:
         for f in range(250):
             (sub / f"file-{f:04}").write_bytes(b"")
     return top
+
+
+@contextlib.contextmanager
+def tmpfs_mounted(mountpoint: Path, size: str = "1m") -> Iterator[Path]:
+    """A tmpfs of its own at ``mountpoint`` (created): a file system no other process writes
+    to, or one the test needs apart from its parent's. Skips where it cannot be mounted (not root)."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=False)

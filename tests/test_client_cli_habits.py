@@ -17,7 +17,7 @@ import pytest
 
 import walk_records
 
-from conftest import IS_ROOT, REMOTE, cli_env, settle_atimes, write_tls_files
+from conftest import IS_ROOT, REMOTE, cli_env, settle_atimes, tmpfs_mounted, write_tls_files
 
 SCRIPT = Path(sys.executable).with_name("diskover-agent")
 AGENT_SCRIPT = Path(sys.executable).with_name("diskover-storage-agent")
@@ -272,11 +272,7 @@ def test_env_exclusions_add_to_the_options(agent, tree):
 
 @pytest.mark.skipif(not IS_ROOT, reason="mounting a tmpfs needs root")
 def test_env_one_fs(tree, start_agent):
-    mnt = tree / "b" / "mnt"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs_mounted(tree / "b" / "mnt") as mnt:
         (mnt / "inside").write_bytes(b"i")
         agent = start_agent([(REMOTE, str(tree))])
         env = cli_env(DISKOVER_AGENT_HOSTS=agent.hostspec)
@@ -289,8 +285,6 @@ def test_env_one_fs(tree, start_agent):
         assert inside in walked()
         assert inside not in walked(DISKOVER_AGENT_ONE_FS="1") and RB + b"/b/four" in walked(DISKOVER_AGENT_ONE_FS="1")
         assert inside not in walked("-x")
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_env_config_file(agent, tmp_path):

@@ -26,6 +26,7 @@ from conftest import (
     assert_same_stat,
     atime_is_stable,
     settle_atimes,
+    tmpfs_mounted,
     vary_owners_and_times,
 )
 
@@ -255,25 +256,23 @@ def test_diskover_crawl_through_the_shim_equals_the_local_crawl(shim, share, sta
 
 # -- 4. storage size -----------------------------------------------------------------------------
 
-def test_get_storage_size_is_the_exported_directorys_statvfs(shim, share, start_agent, monkeypatch):
-    local, _ = share
-    agent = start_agent([(REMOTE, str(local))])
-    monkeypatch.setenv("DISKOVER_AGENT_HOSTS", agent.hostspec)
-
+def test_get_storage_size_is_the_exported_directorys_statvfs(shim, tmp_path, start_agent, monkeypatch):
     def figures(st: os.statvfs_result) -> tuple[int, int, int]:
         return st.f_frsize * st.f_blocks, st.f_frsize * st.f_bfree, st.f_frsize * st.f_bavail
 
-    for _ in range(50):  # other processes may write to the same file system: compare when it held still
-        before = figures(os.statvfs(local))
+    # a file system of its own, which no other process fills or empties while the test compares
+    with tmpfs_mounted(tmp_path / "fs", size="8m") as local:
+        (local / "proj0").mkdir()
+        (local / "proj0" / "data").write_bytes(b"x" * 300_000)  # some blocks in use: free != total
+        agent = start_agent([(REMOTE, str(local))])
+        monkeypatch.setenv("DISKOVER_AGENT_HOSTS", agent.hostspec)
         got = shim.get_storage_size(REMOTE + "/proj0")
-        after = figures(os.statvfs(local))
-        if before == after:
-            break
-    assert before == after, "the file system never held still"
-    assert got == before
+        want = figures(os.statvfs(local))
+        with pytest.raises(FileNotFoundError):
+            shim.get_storage_size(REMOTE + "/nope")
+        agent.stop()  # before the file system is unmounted
+    assert got == want and want[0] == 8 * 2**20 and want[1] < want[0]
     assert all(isinstance(x, int) for x in got)
-    with pytest.raises(FileNotFoundError):
-        shim.get_storage_size(REMOTE + "/nope")
 
 
 # -- the rest of the module surface ----------------------------------------------------------------
