@@ -710,6 +710,10 @@ MUTATIONS: list[Mutation] = [
         'for name in ("format", "stat", "one_fs", "max_depth"):',
         (RESUME_REFUSALS,),
     ),
+    Mutation("scanner-storage-free-available-swapped", "get_storage_size swaps free and available bytes",
+             "diskover_agent/scanner/api.py", 'return result["total"], result["free"], result["available"]',
+             'return result["total"], result["available"], result["free"]',
+             ("tests/test_diskover_scanner.py::test_get_storage_size_is_the_exported_directorys_statvfs",)),
 ]
 
 
