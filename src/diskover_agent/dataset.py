@@ -133,11 +133,14 @@ class Rows:
     def __len__(self) -> int:
         return self.entries + self.errors
 
-    def add_dir(self, path: bytes, entries: Sequence[Entry]) -> None:
+    def add_dir(self, path: bytes, entries: Sequence[Entry]) -> int:
+        """Add a directory's rows; returns the bytes in its files."""
         self.dirs += 1
         self.entries += len(entries)
-        self.bytes += schema.file_bytes(entries)
+        size = schema.file_bytes(entries)
+        self.bytes += size
         self._dirs.append((path, entries))
+        return size
 
     def add_error(self, path: bytes, error: OSError) -> None:
         self.errors += 1
@@ -218,10 +221,11 @@ class DatasetWriter:
         discard_uncommitted(output, checkpoint)
         return cls(output, checkpoint.spec.top, checkpoint.spec.format, part_entries, _resumed=checkpoint)
 
-    def add_dir(self, path: bytes, entries: Sequence[Entry], subdirs: Optional[Sequence[bytes]] = None) -> None:
+    def add_dir(self, path: bytes, entries: Sequence[Entry], subdirs: Optional[Sequence[bytes]] = None) -> int:
         """Rows for the entries of ``path``; its ``subdirs`` (default: the entries that are
-        directories) become owed. Commits a partition when it is full."""
-        self._rows.add_dir(path, entries)
+        directories) become owed. Commits a partition when it is full. Returns the bytes in
+        its files."""
+        size = self._rows.add_dir(path, entries)
         if subdirs is None:
             prefix = path if path.endswith(b"/") else path + b"/"
             subdirs = [prefix + e.name for e in entries if e.kind == KIND_DIR]
@@ -229,6 +233,7 @@ class DatasetWriter:
         self.frontier.update(subdirs)
         if len(self._rows) >= self.part_entries:
             self.commit()
+        return size
 
     def add_error(self, path: bytes, error: OSError) -> None:
         """An ``error`` row for a directory that could not be listed."""

@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 
 from .checkpoint import WalkSpec
 from .dataset import FORMATS, AlreadyComplete, DatasetWriter, ResumeRefused, WalkSummary, resume_point
-from .protocol import KIND_DIR, KIND_FILE
+from .protocol import KIND_DIR
 from .transport import DEFAULT_PORT, fsencode_path
 from .walk import HostWatcher, Walker, _join
 
@@ -172,8 +172,7 @@ class DatasetWalk:
                     else:
                         self.dirs += 1
                         self.entries += len(entries)
-                        writer.add_dir(path, entries, subdirs)
-                        self.bytes += sum(st[6] for e in entries if e.kind == KIND_FILE and (st := e.stat) is not None)
+                        self.bytes += writer.add_dir(path, entries, subdirs)
                 self._busy = False
                 if self._signalled is not None:
                     raise _Stop(self._signalled)

@@ -102,6 +102,17 @@ def resume_command(args: argparse.Namespace) -> str:
     return shlex.join([PROG, *argv])
 
 
+def _not_resumed(ctx: Context, exc: Exception) -> int:
+    """A ``--resume`` refused (a usage error), or of a walk already complete (said; status 0)."""
+    from ..dataset import AlreadyComplete
+
+    if not isinstance(exc, AlreadyComplete):
+        raise UsageError(str(exc)) from None
+    if not ctx.quiet:
+        print(f"{PROG}: {exc} ({_totals(exc.summary)})", file=sys.stderr)
+    return 0
+
+
 def walk_dataset(args: argparse.Namespace, ctx: Context, top: bytes) -> int:
     """``walk -o DIR`` as a dataset with its checkpoint (new, ``--overwrite`` or ``--resume``):
     :class:`~diskover_agent.dataset_walk.DatasetWalk`, with the progress display and summary line."""
@@ -122,12 +133,8 @@ def walk_dataset(args: argparse.Namespace, ctx: Context, top: bytes) -> int:
             exclude_files=[os.fsencode(p) for p in args.exclude_files], one_fs=args.one_file_system,
             part_entries=args.partition_rows, port=ctx.port, on_error=on_error, on_host=host_watcher(ctx),
             workers=ctx.workers, retry_for=ctx.retry_for, **ctx.options)
-    except ResumeRefused as exc:
-        raise UsageError(str(exc)) from None
-    except AlreadyComplete as exc:
-        if not ctx.quiet:
-            print(f"{PROG}: {exc} ({_totals(exc.summary)})", file=sys.stderr)
-        return 0
+    except (ResumeRefused, AlreadyComplete) as exc:
+        return _not_resumed(ctx, exc)
     except FileExistsError as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:
@@ -215,12 +222,8 @@ def cmd_walk_dask(args: argparse.Namespace, ctx: Context) -> int:
         try:
             resume_point(output, WalkSpec.of(os.fsdecode(top), args.format, exclude_dirs=args.exclude_dirs,
                                              exclude_files=args.exclude_files, one_fs=args.one_file_system))
-        except ResumeRefused as exc:
-            raise UsageError(str(exc)) from None
-        except AlreadyComplete as exc:
-            if not ctx.quiet:
-                print(f"{PROG}: {exc} ({_totals(exc.summary)})", file=sys.stderr)
-            return 0
+        except (ResumeRefused, AlreadyComplete) as exc:
+            return _not_resumed(ctx, exc)
     ctx.check_reachable(top)
     if not args.resume:
         _prepare_dataset(output, args.overwrite)
